@@ -1,0 +1,100 @@
+"""TinyLM vs transformers GPT-Neo on the TinyStories-1M shape, same weights, same process, CPU.
+
+    python bench/bench_model.py [--steps 5] [--new_tokens 500] [--threads N]
+
+Prints (1) training-step throughput (forward + backward + AdamW, batch 8 x 512) and (2) greedy generation
+tokens/s (batch 1), each as ours / transformers.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPTNeo, GPTNeoConfig  # noqa: E402
+
+
+def hf_twin(model: GPTNeo, folder: str):
+    from transformers import GPTNeoForCausalLM
+
+    model.save_pretrained(folder)
+    return GPTNeoForCausalLM.from_pretrained(folder, attn_implementation="eager")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, AdamW state, thread pool
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def train_step_fn(model, loss_of, x, y):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_of(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--new_tokens", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = GPTNeoConfig(n_embd=64, n_layer=8, n_head=16, window_size=256, max_position_embeddings=2048)
+    ours = GPTNeo(config)
+    with tempfile.TemporaryDirectory() as folder:
+        hf = hf_twin(ours, folder)
+    print(f"TinyStories-1M shape: {ours.num_params() / 1e6:.2f}M parameters, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+    # (1) training step
+    ours.train(), hf.train()
+    x = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size))
+    y = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size))
+    hf_loss = lambda m, x, y: torch.nn.functional.cross_entropy(m(x).logits.flatten(0, 1), y.flatten())
+    t_ours = median_seconds(train_step_fn(ours, lambda m, x, y: m(x, y)[1], x, y), args.repeats)
+    t_hf = median_seconds(train_step_fn(hf, hf_loss, x, y), args.repeats)
+    tokens = args.batch_size * args.block_size
+    print(f"train step  B={args.batch_size} T={args.block_size}: ours {tokens / t_ours:7.0f} tok/s "
+          f"({t_ours * 1e3:.0f} ms)   transformers {tokens / t_hf:7.0f} tok/s ({t_hf * 1e3:.0f} ms)   "
+          f"ratio {t_hf / t_ours:.2f}x")
+
+    # (2) greedy generation
+    ours.eval(), hf.eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 8))
+    n = args.new_tokens
+    outputs = {}
+    with torch.inference_mode():
+        def gen_ours():
+            outputs["ours"] = ours.generate(prompt, n, temperature=0)
+
+        def gen_hf():
+            outputs["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False, pad_token_id=config.eos_token_id)
+        t_ours = median_seconds(gen_ours, args.repeats)
+        t_hf = median_seconds(gen_hf, args.repeats)
+    same = torch.equal(outputs["ours"], outputs["hf"])
+    print(f"greedy generate B=1 new={n}: ours {n / t_ours:5.0f} tok/s   transformers {n / t_hf:5.0f} tok/s   "
+          f"ratio {t_hf / t_ours:.2f}x   same tokens: {same}")
+
+
+if __name__ == "__main__":
+    main()
