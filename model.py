@@ -68,7 +68,8 @@ class GPTNeoConfig:
             heads = [self.n_head if t == "local" else 0 for t in types]
         derived = ["global" if h == 0 else "local" if h == self.n_head else "mixed" for h in heads]
         if types is not None and types != derived:
-            fail(f"attention_types {types} disagrees with local_heads {heads}; set only one of them")
+            fail(f"attention_types {types} disagrees with local_heads {heads}; set only one of them "
+                 "(attention_types = none to use local_heads)")
         self.attention_types, self.local_heads = tuple(derived), tuple(heads)
 
     def _expand(self, name, value):
@@ -454,10 +455,9 @@ def check_sampling_args(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, vocab) logits -> (B, 1) token ids; the same filters, in the same order, as transformers."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """Scale (B, vocab) logits by temperature, then keep the top_k and the top_p nucleus (others -inf),
+    in the order transformers applies them."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -468,7 +468,15 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         # Drop a token once the more likely ones already hold top_p of the mass; the first always stays.
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+    return logits
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, vocab) logits -> (B, 1) token ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 # ---- checkpoint I/O, used only by from_pretrained / save_pretrained ----

@@ -1,0 +1,94 @@
+"""inference.py: greedy output equals transformers' generate; the CLI samples, streams and fails clearly."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPTNeoConfig as HFConfig
+from transformers import GPTNeoForCausalLM
+
+from inference import encode_prompt, load_model_and_tokenizer, newest_checkpoint
+from model import GPTNeo, GPTNeoConfig
+from test_model import sharpen_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INFERENCE = os.path.join(ROOT, "inference.py")
+
+
+@pytest.fixture(scope="module")
+def tinystories_1m_folder(tmp_path_factory):
+    """A TinyStories-1M-shaped Hugging Face folder (random weights, no tokenizer files: the GPT-Neo one applies)."""
+    config = HFConfig(vocab_size=50257, max_position_embeddings=2048, hidden_size=64, num_layers=8, num_heads=16,
+                      window_size=256, attention_types=[[["global", "local"], 4]])
+    torch.manual_seed(0)
+    hf = sharpen_(GPTNeoForCausalLM(config)).eval()
+    folder = tmp_path_factory.mktemp("TinyStories-1M")
+    hf.save_pretrained(folder)
+    return str(folder), hf
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, INFERENCE, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_greedy_matches_transformers_token_for_token_past_the_window(tinystories_1m_folder):
+    folder, hf = tinystories_1m_folder
+    model, tokenizer = load_model_and_tokenizer(folder, torch.device("cpu"))
+    idx = encode_prompt(tokenizer, "Once upon a time there was a little fox", "cpu")
+    n = 300  # the prompt plus 300 tokens runs well past the 256-token window of the local layers
+    ours = model.generate(idx, n, temperature=0)
+    ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False, pad_token_id=50256)
+    assert ours.size(1) == idx.size(1) + n
+    assert torch.equal(ours, ref)
+
+
+def test_cli_prints_prompt_and_greedy_story(tinystories_1m_folder):
+    folder, hf = tinystories_1m_folder
+    r = run_cli("--model", folder, "--prompt", "Once upon a time", "--max_new_tokens", "12", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    from dataload import gpt_neo_tokenizer
+    tok = gpt_neo_tokenizer()
+    idx = torch.tensor([tok.encode("Once upon a time")])
+    ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      pad_token_id=50256)
+    assert r.stdout == tok.decode(ref[0]) + "\n"
+    assert "tokens/s" in r.stderr
+
+
+def test_cli_seeded_samples_repeat(tmp_path):
+    folder = tmp_path / "tiny"
+    GPTNeo(GPTNeoConfig(n_layer=2, n_head=2, n_embd=16, max_position_embeddings=64)).save_pretrained(str(folder))
+    args = ("--model", str(folder), "--max_new_tokens", "8", "--num_samples", "2", "--seed", "3", "--top_p", "0.9")
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.count("--- sample") == 2
+
+
+def test_no_arguments_uses_newest_checkpoint_else_says_what_to_do(tmp_path):
+    r = run_cli(cwd=tmp_path)
+    assert r.returncode != 0
+    assert "train a model first" in r.stderr and "--model" in r.stderr and "Traceback" not in r.stderr
+    for name in ("old", "new"):
+        GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(
+            str(tmp_path / "out" / name))
+    os.utime(tmp_path / "out" / "old" / "config.json", (1, 1))
+    assert newest_checkpoint(str(tmp_path / "out")) == str(tmp_path / "out" / "new")
+    r = run_cli("--max_new_tokens", "5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time") and os.path.join("out", "new") in r.stderr
+
+
+def test_cli_rejects_bad_requests(tmp_path):
+    folder = tmp_path / "tiny"
+    GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(str(folder))
+    r = run_cli("--model", str(folder), "--max_new_tokens", "100")
+    assert r.returncode != 0 and "context is 32" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--model", str(folder), "--temperature", "-1")
+    assert r.returncode != 0 and "temperature must be >= 0" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--model", str(tmp_path / "missing"))
+    assert r.returncode != 0 and "no model folder" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,317 @@
+"""model.py against transformers' GPTNeoForCausalLM (random weights, built locally, no network)."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPTNeoConfig as HFConfig
+from transformers import GPTNeoForCausalLM
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from model import GPTNeo, GPTNeoConfig, KVCache, filter_logits, hf_to_tinylm_state_dict, sample_next_token
+
+# TinyStories-1M as released, and an odd small shape: 3 heads of 8, MLP 40 wide, window 7.
+SHAPES = {
+    "tinystories_1M": dict(vocab_size=50257, max_position_embeddings=2048, hidden_size=64, num_layers=8,
+                           num_heads=16, window_size=256, attention_types=[[["global", "local"], 4]]),
+    "odd_small": dict(vocab_size=97, max_position_embeddings=64, hidden_size=24, num_layers=3, num_heads=3,
+                      window_size=7, intermediate_size=40, attention_types=[[["local", "global", "local"], 1]]),
+}
+SEQ_LEN = {"tinystories_1M": 300, "odd_small": 50}  # both longer than the window
+
+
+def sharpen_(model: torch.nn.Module, seed: int = 0):
+    """Random weights large enough that attention is peaked and logits spread out: at GPT-Neo's 0.02 init
+    every model outputs nearly uniform logits and a wrong mask would hardly show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lm_head.weight"):
+                continue  # tied to wte
+            if "ln" in name.split(".")[-2]:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                std = 0.5 if ("wte" in name or "wpe" in name) else 1.0 / p.shape[1] ** 0.5
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def make_hf(shape: str, seed: int = 0) -> GPTNeoForCausalLM:
+    config = HFConfig(**SHAPES[shape], bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return sharpen_(GPTNeoForCausalLM(config), seed).eval()
+
+
+def save_legacy_bin(hf: GPTNeoForCausalLM, folder: str):
+    """The 2023-era layout of the TinyStories repos: pytorch_model.bin with the attention mask buffers and
+    no lm_head.weight."""
+    os.makedirs(folder, exist_ok=True)
+    hf.config.to_json_file(os.path.join(folder, "config.json"))
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    n, w = hf.config.max_position_embeddings, hf.config.window_size
+    for i, kind in enumerate(hf.config.attention_layers):
+        bias = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        if kind == "local":
+            bias = bias ^ torch.tril(bias, -w)
+        state[f"transformer.h.{i}.attn.attention.bias"] = bias.view(1, 1, n, n)
+        state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+    torch.save(state, os.path.join(folder, "pytorch_model.bin"))
+
+
+def assert_logits_close(ours, ref):
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def hf_folders(request, tmp_path_factory):
+    shape = request.param
+    hf = make_hf(shape)
+    root = tmp_path_factory.mktemp(shape)
+    hf.save_pretrained(root / "safetensors")
+    save_legacy_bin(hf, str(root / "bin"))
+    return shape, hf, root
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_logits_match_transformers(hf_folders, layout):
+    shape, hf, root = hf_folders
+    assert os.path.exists(root / layout / ("model.safetensors" if layout == "safetensors" else "pytorch_model.bin"))
+    ours = GPTNeo.from_pretrained(str(root / layout))
+    idx = torch.randint(0, hf.config.vocab_size, (2, SEQ_LEN[shape]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        logits, loss = ours(idx)
+    assert loss is None
+    assert ref.std() > 1.0  # the comparison means something
+    assert_logits_close(logits, ref)
+
+
+def test_training_loss_and_gradients_match_transformers():
+    # Training path: dropout off, chunked attention over T > 64 on CPU, fused LM head + cross-entropy.
+    hf = make_hf("odd_small")
+    hf.config.max_position_embeddings = 64
+    ours = GPTNeo(GPTNeoConfig.from_hf_dict(hf.config.to_dict()))
+    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.config))
+    hf.train(), ours.train()
+    idx = torch.randint(0, 97, (3, 64), generator=torch.Generator().manual_seed(2))
+    targets = torch.roll(idx, -1, dims=1)
+    targets[0, :10] = -100  # ignored positions
+    ref_loss = F.cross_entropy(hf(idx).logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    ref_loss.backward()
+    logits, loss = ours(idx, targets)
+    loss.backward()
+    assert logits is None
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    ref_grads = hf_to_tinylm_state_dict({k: p.grad for k, p in hf.named_parameters()}, ours.config)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_loss_without_grad_equals_cross_entropy_of_logits():
+    model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=16, max_position_embeddings=32)))
+    idx = torch.randint(0, 300, (2, 32))
+    targets = torch.randint(0, 300, (2, 32))
+    targets[1, 5:] = -100
+    with torch.no_grad():
+        logits, _ = model(idx)
+        _, loss = model(idx, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten()), rtol=1e-6, atol=1e-6)
+
+
+def reference_attention_forward(model: GPTNeo, idx):
+    """Eager float64 GPT-Neo with an explicit mask per head: the first local_heads[layer] heads of a layer see
+    the last window_size keys, the others all earlier keys. Independent of model.py's attention code."""
+    c = model.config
+    B, T = idx.shape
+    hd = c.n_embd // c.n_head
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    causal, band = j <= i, (j <= i) & (j > i - c.window_size)
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    x = sd["wte.weight"][idx] + sd["wpe.weight"][:T]
+    for layer in range(c.n_layer):
+        p = f"h.{layer}."
+        h = F.layer_norm(x, (c.n_embd,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], c.layer_norm_epsilon)
+        q, k, v = (h @ sd[f"{p}attn.{n}_proj.weight"].T for n in "qkv")
+        q, k, v = (t.view(B, T, c.n_head, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        mask = torch.stack([band if head < c.local_heads[layer] else causal for head in range(c.n_head)])
+        att = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).softmax(-1)  # no 1/sqrt(hd)
+        y = (att @ v).transpose(1, 2).reshape(B, T, c.n_embd)
+        x = x + y @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
+        h = F.layer_norm(x, (c.n_embd,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], c.layer_norm_epsilon)
+        h = F.gelu(h @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"], approximate="tanh")
+        x = x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
+    x = F.layer_norm(x, (c.n_embd,), sd["ln_f.weight"], sd["ln_f.bias"], c.layer_norm_epsilon)
+    return x @ sd["wte.weight"].T
+
+
+MIXED = dict(vocab_size=101, max_position_embeddings=160, n_layer=4, n_head=4, n_embd=32, window_size=9,
+             local_heads=[1, 4, 0, 3])
+
+
+@pytest.mark.parametrize("T", [5, 40, 150])  # inside the window, past it, and past the CPU query chunk
+def test_mixed_heads_match_explicit_masked_reference(T):
+    model = sharpen_(GPTNeo(GPTNeoConfig(**MIXED))).eval()
+    assert model.config.attention_types == ("mixed", "local", "global", "mixed")
+    idx = torch.randint(0, 101, (2, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    ref = reference_attention_forward(model, idx)
+    assert_logits_close(logits.double(), ref)
+
+
+@pytest.mark.parametrize("heads", [dict(attention_types="local,global"), dict(local_heads=[2, 0, 4, 1]),
+                                   dict(local_heads=4)])
+def test_kv_cache_decoding_equals_full_forward(heads):
+    config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=4, n_head=4, n_embd=32,
+                          window_size=6, **heads)
+    model = sharpen_(GPTNeo(config)).eval()
+    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(config, batch_size=2, max_len=40)
+        # a prompt, single tokens across the window edge, a multi-token step into a warm cache, more singles
+        steps = [0, 5] + list(range(6, 20)) + [27] + list(range(28, 41))
+        pieces = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in zip(steps, steps[1:])]
+    assert cache.pos == 40
+    for ring in (r for r in cache.local_kv if r is not None):
+        assert ring.size(3) == config.window_size  # local heads never cache more than their window
+    assert_logits_close(torch.cat(pieces, dim=1), full)
+
+
+def test_greedy_generate_matches_transformers_past_window():
+    hf = make_hf("odd_small")
+    ours = GPTNeo(GPTNeoConfig.from_hf_dict(hf.config.to_dict()))
+    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.config))
+    prompt = torch.randint(1, 97, (1, 4), generator=torch.Generator().manual_seed(5))
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, min_new_tokens=40,
+                      do_sample=False, pad_token_id=0)
+    out = ours.generate(prompt, 40, temperature=0)
+    assert out.shape == (1, 44)
+    assert torch.equal(out, ref)
+
+
+def test_generate_batch_eos_and_limits():
+    model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=50, max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16,
+                                         window_size=4))).eval()
+    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(6))
+    both = model.generate(prompt, 10, temperature=0)
+    for row in range(2):  # batching does not change a row's greedy continuation
+        assert torch.equal(model.generate(prompt[row:row + 1], 10, temperature=0)[0], both[row])
+    eos = both[0, 3].item()  # row 0's first new token
+    stopped = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
+    assert stopped[0, 3] == eos and (stopped[0, 3:] == eos).all()  # finished rows are padded with eos
+    if (both[1, 3:] != eos).all():
+        assert torch.equal(stopped[1], both[1])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(prompt, 30)  # 3 + 30 > 32
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            model.generate(prompt, 2, **bad)
+
+
+def test_sampling_is_seedable_and_filters_match_transformers():
+    model = GPTNeo(GPTNeoConfig(vocab_size=50, max_position_embeddings=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(prompt, 20, top_k=10, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 20, top_k=10, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert torch.equal(model.generate(prompt, 20, top_k=1), model.generate(prompt, 20, temperature=0))
+
+    logits = 3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(8))
+    for top_p in (0.1, 0.5, 0.9):
+        ref = TopPLogitsWarper(top_p)(None, logits.clone())
+        assert torch.equal(filter_logits(logits, 1.0, None, top_p).isinf(), ref.isinf())
+    assert torch.equal(filter_logits(logits, 0.7, 20, None).isinf(), TopKLogitsWarper(20)(None, logits.clone()).isinf())
+    samples = sample_next_token(logits[:1].expand(2000, -1), 1.0, 5, None, torch.Generator().manual_seed(9))
+    assert set(samples.flatten().tolist()) <= set(logits[0].topk(5).indices.tolist())
+
+
+def test_save_pretrained_loads_in_transformers_with_identical_logits(tmp_path):
+    model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=120, max_position_embeddings=96, n_layer=3, n_head=4, n_embd=32,
+                                         window_size=5, attention_types="global,local,local"))).eval()
+    model.save_pretrained(str(tmp_path))
+    hf, info = GPTNeoForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.attention_layers == ["global", "local", "local"]
+    idx = torch.randint(0, 120, (2, 60))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        assert_logits_close(ours, hf.eval()(idx).logits)
+        again, _ = GPTNeo.from_pretrained(str(tmp_path))(idx)
+    assert torch.equal(again, ours)
+
+
+def test_mixed_model_round_trips_but_transformers_refuses(tmp_path):
+    model = sharpen_(GPTNeo(GPTNeoConfig(**MIXED))).eval()
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises((NotImplementedError, ValueError)):
+        GPTNeoForCausalLM.from_pretrained(str(tmp_path))
+    reloaded = GPTNeo.from_pretrained(str(tmp_path))
+    assert reloaded.config == model.config
+    idx = torch.randint(0, 101, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(reloaded(idx)[0], model(idx)[0])
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        GPTNeo.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(OSError, match="local folder"):
+        GPTNeo.from_pretrained("roneneldan/TinyStories-1M-not-cached")  # HF_HUB_OFFLINE=1 in conftest
+    model = GPTNeo(GPTNeoConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=16, max_position_embeddings=16))
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(str(folder))
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        GPTNeo.from_pretrained(str(folder))
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        GPTNeo.from_pretrained(str(folder))
+    model.save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    with pytest.raises(ValueError, match="shape"):
+        GPTNeo.from_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="gpt_neo"):
+        GPTNeo.from_pretrained(str(folder))
+
+
+def test_untied_lm_head_is_refused():
+    config = GPTNeoConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, max_position_embeddings=16)
+    state = {"transformer." + k.replace(".attn.", ".attn.attention."): v for k, v in GPTNeo(config).state_dict().items()}
+    state["lm_head.weight"] = torch.randn(64, 16)
+    with pytest.raises(ValueError, match="tied"):
+        hf_to_tinylm_state_dict(state, config)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(local_heads=5, n_head=4, n_embd=32), "local_heads"),
+    (dict(local_heads=-1), "local_heads"),
+    (dict(window_size=0), "window_size"),
+    (dict(n_layer=4, local_heads=[0, 1, 2]), "n_layer"),
+    (dict(n_layer=4, attention_types="global,local,local"), "n_layer"),
+    (dict(attention_types="global,sliding"), "one of"),
+    (dict(attention_types="global,local", local_heads=3), "disagrees"),
+    (dict(attention_types="mixed"), "needs local_heads"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTNeoConfig(**kwargs)
+
+
+def test_config_forms_agree_and_default_alternates():
+    assert GPTNeoConfig(n_layer=4).attention_types == ("global", "local", "global", "local")
+    a = GPTNeoConfig(n_layer=4, n_head=4, n_embd=16, attention_types="global,local")
+    b = GPTNeoConfig(n_layer=4, n_head=4, n_embd=16, local_heads=[0, 4, 0, 4])
+    assert a == b and a.gpt_neo_compatible
+    assert GPTNeoConfig(**GPTNeoConfig(n_layer=2, local_heads=[3, 16]).__dict__).local_heads == (3, 16)
+    assert not GPTNeoConfig(n_layer=2, local_heads=3).gpt_neo_compatible
