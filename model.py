@@ -8,9 +8,8 @@ per-layer choice of local (sliding window) or global attention, a layer may mix 
 """
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -119,7 +118,6 @@ class GPTNeoConfig:
             "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": True,
             "use_cache": True,
-            "dtype": "float32",
         }
 
     @classmethod
@@ -348,6 +346,8 @@ class GPTNeo(nn.Module):
                         generator: torch.Generator | None = None):
         """Yield the next tokens (B, 1) one step at a time, as `generate` appends them."""
         check_sampling_args(temperature, top_k, top_p)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}")
         B, T = idx.size()
@@ -392,8 +392,8 @@ class GPTNeo(nn.Module):
         os.makedirs(folder, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in tinylm_to_hf_state_dict(self.state_dict()).items()}
         atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_hf_dict(), indent=2) + "\n"
-        atomic_write(os.path.join(folder, "config.json"), lambda p: open(p, "w").write(text))
+        config = {**self.config.to_hf_dict(), "dtype": str(self.wte.weight.dtype).removeprefix("torch.")}
+        atomic_write(os.path.join(folder, "config.json"), lambda p: write_text(p, json.dumps(config, indent=2) + "\n"))
 
 
 def lm_head_cross_entropy(h, weight, targets, chunk_elements: int = 2 ** 22):
@@ -413,12 +413,12 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for fp64 weights
         valid = targets != -100
         scale = 1.0 / valid.sum().clamp(min=1)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=dtype) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=dtype, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
             for s in range(0, h.size(0), chunk):
@@ -560,7 +560,13 @@ def tinylm_to_hf_state_dict(state: dict) -> dict:
     return {"transformer." + k.replace(".attn.", ".attn.attention."): v for k, v in state.items()}
 
 
+def write_text(path: str, text: str):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def atomic_write(path: str, write):
+    """Write through a temporary name and rename, so a crash never leaves a half-written file at `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
