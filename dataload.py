@@ -383,7 +383,8 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int 
     kept = tokenizer.get_vocab()
     kept_mass = sum(counts[i] for t, i in full.get_vocab().items() if t in kept) / max(counts.sum(), 1)
     report = {"vocab_size": vocab_size, "corpus_distinct_tokens": int((counts > 0).sum()),
-              "coverage": float(kept_mass), "full_vocab_tokens": int(counts.sum())}
+              "coverage": float(kept_mass), "full_vocab_tokens": int(counts.sum()),
+              "tokens_per_story_full_vocab": float(counts.sum() / max(counts[full.eos_token_id], 1))}
     atomic_save(path, lambda p: tokenizer.backend_tokenizer.save(p))
     write_json(meta_path, {**want, "report": report})
     log(f"tokenizer: wrote {path} ({vocab_size} tokens; {kept_mass:.2%} of the corpus' GPT-Neo tokens keep their token)")
@@ -445,10 +446,13 @@ def main(argv=None):
     p.add_argument("--val_data", default=None, help="validation files (default: val_fraction of --data)")
     p.add_argument("--val_fraction", type=float, default=0.01)
     p.add_argument("--vocab_size", type=int, default=FULL_VOCAB, help="50257 = the full GPT-Neo vocabulary")
+    p.add_argument("--tokenizer", choices=["trimmed", "gpt-neo"], default="trimmed",
+                   help="gpt-neo: the full vocabulary whatever --vocab_size says (what the HF TinyStories weights use)")
     p.add_argument("--out", default="data", help="folder for tokenizer.json and the caches")
     args = p.parse_args(argv)
     try:
-        tokenizer, splits, report = prepare_data(args.data, args.vocab_size, args.out, args.val_data, args.val_fraction)
+        vocab_size = FULL_VOCAB if args.tokenizer == "gpt-neo" else args.vocab_size
+        tokenizer, splits, report = prepare_data(args.data, vocab_size, args.out, args.val_data, args.val_fraction)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(report, indent=2))
