@@ -84,18 +84,18 @@ def encode_prompt(tokenizer, prompt: str, device):
 def stream_story(model, tokenizer, idx, args, out=sys.stdout) -> list[int]:
     """Print the prompt and then the story as its tokens arrive; return all token ids."""
     ids = idx[0].tolist()
-    printed = tokenizer.decode(ids)
+    printed = tokenizer.decode(ids, skip_special_tokens=True)
     out.write(printed)
     top_k = args.top_k or None
     for token in model.generate_stream(idx, args.max_new_tokens, args.temperature, top_k, args.top_p,
                                        eos_token_id=tokenizer.eos_token_id):
         ids.append(token.item())
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         if not args.no_stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             out.write(text[len(printed):])
             out.flush()
             printed = text
-    out.write(tokenizer.decode(ids)[len(printed):] + "\n")
+    out.write(tokenizer.decode(ids, skip_special_tokens=True)[len(printed):] + "\n")
     out.flush()
     return ids
 

@@ -1,23 +1,85 @@
-"""Train a TinyLM model from an INI config.
+"""Train a TinyLM model from an INI config, with early stopping, checkpoints and exact resume.
 
-    python train.py --config config/tiny_lm_1M.config [--set model.n_layer=4 ...]
+    python train.py --config config/tiny_lm_1M.config [--set train.lr=3e-4 ...] [--resume]
 
-This slice reads, type-checks and prints the config and builds the model; the training loop, data and
-checkpointing land with issue 4 (data: issue 3).
+Each run leaves out_dir/best and out_dir/last: Hugging Face GPT-Neo folders (config.json, model.safetensors,
+tokenizer.json) that inference.py samples from, plus train_state.pt (optimizer, step, RNG) and metrics.
 """
 
 import argparse
 import configparser
 import dataclasses
+import json
+import math
+import os
 import re
+import shutil
 import sys
+import time
 import types
 import typing
+from dataclasses import dataclass
 
+import torch
+
+from dataload import FULL_VOCAB, HUB_DATASET, get_batch, iter_eval_batches, prepare_data
 from model import GPTNeo, GPTNeoConfig
 
-# INI section -> the dataclass its keys fill. Issues 3 and 4 add [data] and [train].
-SECTIONS = {"model": GPTNeoConfig}
+
+@dataclass
+class DataConfig:
+    dataset: str = HUB_DATASET  # hub dataset, or a .txt/.jsonl/.parquet file, folder or glob
+    val_dataset: str | None = None  # None: hold out val_fraction of dataset (the hub's validation split for the hub)
+    val_fraction: float = 0.01
+    tokenizer: str = "trimmed"  # "trimmed": model.vocab_size most used GPT-Neo tokens; "gpt-neo": all 50257
+    block_size: int = 512  # tokens per training sequence, as in the paper
+    cache_dir: str = "data"  # tokenizer.json and token caches
+
+    def __post_init__(self):
+        if self.tokenizer not in ("trimmed", "gpt-neo"):
+            raise ValueError(f"tokenizer must be 'trimmed' or 'gpt-neo', got {self.tokenizer!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine schedule floor
+    lr_schedule: str = "cosine"  # "cosine" (after warmup) or "constant"
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # not applied to biases, LayerNorms or embeddings
+    grad_clip: float = 1.0  # 0 disables
+    max_steps: int = 10000
+    max_tokens: int | None = None  # stop after this many training tokens
+    max_minutes: float | None = None  # stop after this much wall time
+    eval_interval: int = 200  # steps between validation evaluations
+    eval_tokens: int = 100_000  # validation tokens scored per evaluation
+    patience: int = 5  # evaluations without improvement before early stopping; 0 disables
+    min_delta: float = 0.0  # improvement in validation loss that counts
+    seed: int = 1337
+    device: str = "auto"  # cpu, cuda, mps or auto
+    out_dir: str = "out/tiny_lm"
+
+    def __post_init__(self):
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "min_delta", "warmup_steps", "patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+
+
+SECTIONS = {"model": GPTNeoConfig, "data": DataConfig, "train": TrainConfig}
 
 
 def parse_value(text: str, annotation, where: str):
@@ -88,24 +150,168 @@ def load_config(path: str | None, overrides: list[str] = ()) -> dict:
             for name, cls in SECTIONS.items()}
 
 
+def get_lr(step: int, t: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr over max_steps (or constant lr)."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> torch.optim.AdamW:
+    # Weight decay on the matrices of the linear layers only: not biases, LayerNorms or embeddings.
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith(("wte", "wpe")))]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=torch.device(device).type == "cuda")
+
+
+@torch.no_grad()
+def estimate_loss(model: GPTNeo, tokens, batch_size: int, block_size: int, max_tokens: int, device) -> float:
+    """Mean next-token loss (nats) over the first max_tokens targets of a split, in order."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in iter_eval_batches(tokens, batch_size, block_size, max_tokens, device):
+        n = int((y != -100).sum())
+        total += model(x, y)[1].item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, config: dict):
+    """Write a complete checkpoint folder next to `folder`, then swap it in, so `folder` is always whole."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "training_config.json"), "w") as f:
+        json.dump({k: dataclasses.asdict(v) for k, v in config.items()}, f, indent=2, default=list)
+    torch.save({"optimizer": opt.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},
+               os.path.join(tmp, "train_state.pt"))
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: str, model: GPTNeo, opt) -> dict:
+    """Restore weights, optimizer and RNG from `folder` (or the copy a crash mid-save left); return the state."""
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
+        folder += ".old"
+    if not os.path.isfile(os.path.join(folder, "train_state.pt")):
+        raise ValueError(f"cannot resume: {folder} holds no checkpoint; drop --resume to start a new run")
+    model.load_state_dict(GPTNeo.from_pretrained(folder).state_dict(), strict=True)
+    saved = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["state"]
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train a TinyLM model from an INI config.")
     p.add_argument("--config", required=True, help="INI file, e.g. config/tiny_lm_1M.config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/last")
     args = p.parse_args(argv)
     try:
         config = load_config(args.config, args.set)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    m, d, t = config["model"], config["data"], config["train"]
     for section, values in config.items():
-        print(f"[{section}]")
-        for k, v in dataclasses.asdict(values).items():
-            print(f"{k} = {v}")
-    model = GPTNeo(config["model"])
-    print(f"# {model.num_params() / 1e6:.2f}M parameters")
-    print("the training loop is not implemented yet (issue 4); use inference.py to sample from released weights",
-          file=sys.stderr)
-    return 2
+        print(f"[{section}] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(values).items()))
+
+    last_dir, best_dir = os.path.join(t.out_dir, "last"), os.path.join(t.out_dir, "best")
+    if args.resume and not any(os.path.isfile(os.path.join(f, "train_state.pt")) for f in (last_dir, last_dir + ".old")):
+        raise SystemExit(f"error: cannot resume: {last_dir} holds no checkpoint; drop --resume to start a new run")
+    device = pick_device(t.device)
+    torch.manual_seed(t.seed)
+    vocab_size = FULL_VOCAB if d.tokenizer == "gpt-neo" else m.vocab_size
+    try:
+        tokenizer, splits, _ = prepare_data(d.dataset, vocab_size, d.cache_dir, d.val_dataset, d.val_fraction)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for split in ("train", "val"):
+        if len(splits[split]) < d.block_size + 1:
+            raise SystemExit(f"error: the {split} split has {len(splits[split])} tokens, fewer than data.block_size + 1")
+    eot = tokenizer.eos_token_id
+    model_config = dataclasses.replace(m, vocab_size=len(tokenizer), bos_token_id=eot, eos_token_id=eot)
+    if d.block_size > model_config.max_position_embeddings:
+        raise SystemExit(f"error: data.block_size {d.block_size} exceeds model.max_position_embeddings")
+    model = GPTNeo(model_config).to(device)
+    opt = make_optimizer(model, t, device)
+    print(f"# {model.num_params() / 1e6:.2f}M parameters, {len(splits['train']):,} train tokens, device {device}")
+
+    state = {"step": 0, "tokens": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0}
+    if args.resume:
+        state = load_checkpoint(last_dir, model, opt)
+        print(f"# resumed at step {state['step']}")
+    os.makedirs(t.out_dir, exist_ok=True)
+    metrics = open(os.path.join(t.out_dir, "metrics.jsonl"), "a")
+    tokens_per_step = t.batch_size * t.grad_accum * d.block_size
+    start, t_last, reason = time.time() - state["elapsed"], time.time(), None
+    model.train()
+    loss_sum = 0.0
+    while reason is None:
+        step = state["step"]
+        if (step % t.eval_interval == 0 or step == t.max_steps) and state.get("evaluated_step") != step:
+            val = estimate_loss(model, splits["val"], t.batch_size, d.block_size, t.eval_tokens, device)
+            improved = val < state["best_val"] - t.min_delta
+            state["evaluated_step"] = step  # a resumed run does not evaluate this step again
+            state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
+            metrics.write(json.dumps({"step": step, "tokens": state["tokens"], "val_loss": val}) + "\n")
+            metrics.flush()
+            print(f"step {step:6d} | val {val:.4f} | best {state['best_val']:.4f}")
+            state["elapsed"] = time.time() - start
+            if improved:
+                save_checkpoint(best_dir, model, tokenizer, opt, state, config)
+            save_checkpoint(last_dir, model, tokenizer, opt, state, config)
+        if t.patience and state["bad_evals"] >= t.patience:
+            reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
+        if reason is None:
+            reason = ("max_steps reached" if step >= t.max_steps else
+                      "max_tokens reached" if t.max_tokens and state["tokens"] >= t.max_tokens else
+                      "max_minutes reached" if t.max_minutes and time.time() - start >= 60 * t.max_minutes else None)
+        if reason:
+            break
+        lr = get_lr(step, t)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(t.grad_accum):
+            x, y = get_batch(splits["train"], t.batch_size, d.block_size, step * t.grad_accum + micro, t.seed, device)
+            loss = model(x, y)[1] / t.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            reason = f"loss became {loss_sum} at step {step}; the last good checkpoint is {last_dir}"
+            break
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"], state["tokens"] = step + 1, state["tokens"] + tokens_per_step
+        metrics.write(json.dumps({"step": step + 1, "loss": loss_sum, "lr": lr}) + "\n")
+        now = time.time()
+        print(f"step {step + 1:6d} | loss {loss_sum:.4f} | lr {lr:.2e} | {1e3 * (now - t_last):.0f} ms | "
+              f"{tokens_per_step / (now - t_last):.0f} tok/s")
+        t_last = now
+    if math.isfinite(loss_sum) and state.get("evaluated_step") != state["step"]:
+        state["elapsed"] = time.time() - start
+        save_checkpoint(last_dir, model, tokenizer, opt, state, config)  # keep the steps since the last evaluation
+    metrics.write(json.dumps({"step": state["step"], "stop": reason}) + "\n")
+    metrics.close()
+    print(f"stopped: {reason}; best val loss {state['best_val']:.4f} in {best_dir}")
+    return 0
 
 
 if __name__ == "__main__":

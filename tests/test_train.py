@@ -1,6 +1,7 @@
 """train.py: INI configs map onto the dataclasses with types checked and unknown keys rejected."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -8,7 +9,10 @@ from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
 from model import GPTNeo
+import torch
+
 from train import load_config
+from train import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (n_embd, n_layer) of the released TinyStories models
@@ -68,3 +72,74 @@ def test_bad_configs_name_the_problem(tmp_path, text, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_config(str(tmp_path / "nope.config"))
+
+
+# ---- the training loop, on a corpus the tests write ----
+
+def train_config(tmp_path, **train):
+    from test_dataload import make_stories, write_txt
+    data = tmp_path / "stories.txt"
+    if not data.exists():
+        write_txt(data, make_stories(300))
+    settings = {**dict(batch_size=8, max_steps=30, eval_interval=10, eval_tokens=2000, warmup_steps=5, lr=3e-3,
+                       out_dir=str(tmp_path / "out")), **train}
+    text = ("[model]\nvocab_size = 400\nn_layer = 2\nn_head = 2\nn_embd = 32\nmax_position_embeddings = 64\n"
+            "window_size = 8\n[data]\ndataset = {data}\nval_fraction = 0.1\nblock_size = 32\ncache_dir = {cache}\n"
+            "[train]\n").format(data=data, cache=tmp_path / "cache")
+    text += "".join(f"{k} = {v}\n" for k, v in settings.items())
+    return write(tmp_path, text)
+
+
+def read_metrics(tmp_path):
+    return [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+
+
+def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path):
+    assert train_main(["--config", train_config(tmp_path)]) == 0
+    metrics = read_metrics(tmp_path)
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(vals) == 4 and vals[-1] < vals[0] - 0.5
+    assert metrics[-1]["stop"] == "max_steps reached"
+    from inference import load_model_and_tokenizer
+    for name in ("best", "last"):
+        model, tok = load_model_and_tokenizer(str(tmp_path / "out" / name), "cpu")
+        assert len(tok) == 400 == model.config.vocab_size and model.config.eos_token_id == tok.eos_token_id == 399
+        out = model.generate(torch.tensor([[tok.eos_token_id]]), 10, temperature=0)
+        assert tok.decode(out[0].tolist())
+    hf = GPTNeoForCausalLM.from_pretrained(str(tmp_path / "out" / "best"))  # a plain GPT-Neo folder
+    assert hf.config.vocab_size == 400
+
+
+def test_early_stopping_on_a_plateau(tmp_path):
+    # lr 0: the validation loss never moves, so after `patience` evaluations without improvement training stops
+    train_main(["--config", train_config(tmp_path, lr=0.0, min_lr=0.0, patience=2, max_steps=1000)])
+    metrics = read_metrics(tmp_path)
+    assert metrics[-1]["stop"].startswith("early stopping")
+    assert len([m for m in metrics if "val_loss" in m]) == 3 and metrics[-1]["step"] == 20
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    train_main(["--config", train_config(straight, max_steps=20)])
+    # stopped after 13 steps (the schedule still aims at 20), between evaluations
+    train_main(["--config", train_config(split, max_steps=20), "--set", f"train.max_tokens={13 * 8 * 32}"])
+    assert GPTNeo.from_pretrained(str(split / "out" / "last")) is not None
+    train_main(["--config", train_config(split, max_steps=20), "--resume"])
+    losses = lambda p: {m["step"]: m["loss"] for m in read_metrics(p) if "loss" in m}
+    assert losses(straight) == losses(split) and len(losses(split)) == 20
+    a = GPTNeo.from_pretrained(str(straight / "out" / "last")).state_dict()
+    b = GPTNeo.from_pretrained(str(split / "out" / "last")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_training_values_fail_before_training(tmp_path):
+    with pytest.raises(SystemExit, match=r"\[train\].*lr must be >= 0"):
+        train_main(["--config", train_config(tmp_path, lr=-1)])
+    with pytest.raises(SystemExit, match=r"unknown key.*learning_rate"):
+        train_main(["--config", train_config(tmp_path), "--set", "train.learning_rate=1"])
+    with pytest.raises(SystemExit, match="no data at"):
+        train_main(["--config", train_config(tmp_path), "--set", "data.dataset=missing.txt"])
+    with pytest.raises(SystemExit, match="cannot resume"):
+        train_main(["--config", train_config(tmp_path), "--set", f"train.out_dir={tmp_path / 'fresh'}", "--resume"])
+    assert not (tmp_path / "out").exists()
