@@ -7,13 +7,15 @@
 
 import argparse
 import glob
+import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 
-from dataload import load_tokenizer
+from dataload import encode_batches, iter_eval_batches, load_tokenizer, non_empty, read_stories
 from model import GPTNeo, check_sampling_args, resolve_pretrained
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
@@ -33,6 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--no_stream", action="store_true", help="print each story when it is finished")
+    p.add_argument("--eval_file", default=None, help="instead of sampling, score this text file (stories separated "
+                   "by <|endoftext|>): loss in nats/token, perplexity and bits per UTF-8 byte")
+    p.add_argument("--block_size", type=int, default=512, help="context of each scored piece with --eval_file "
+                   "(train.py's data.block_size gives the same number as its validation loss)")
+    p.add_argument("--batch_size", type=int, default=8, help="pieces scored at once with --eval_file")
     return p.parse_args(argv)
 
 
@@ -76,6 +83,36 @@ def load_model_and_tokenizer(name_or_path: str, device):
     return model, tokenizer
 
 
+@torch.no_grad()
+def evaluate_loss(model, tokens, batch_size: int, block_size: int, max_tokens: int | None = None, device="cpu"):
+    """(mean next-token loss in nats, tokens scored) over a token stream, in consecutive block_size pieces."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in iter_eval_batches(tokens, batch_size, block_size, max_tokens, device):
+        n = int((y != -100).sum())
+        total += model(x, y)[1].item() * n
+        count += n
+    model.train(was_training)
+    return total / count, count
+
+
+def evaluate_file(model, tokenizer, path: str, batch_size: int, block_size: int, device):
+    """Loss, perplexity and bits per byte of a story file; bits per byte divide by the stories' UTF-8 bytes, so
+    models with different tokenizers compare fairly."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no eval file at {path}")
+    stories = list(non_empty(read_stories([path]), {}))
+    if not stories:
+        raise ValueError(f"{path} holds no stories")
+    tokens = np.concatenate(list(encode_batches(tokenizer, stories)))
+    loss, n = evaluate_loss(model, tokens, batch_size, min(block_size, model.config.max_position_embeddings), None,
+                            device)
+    n_bytes = sum(len(s.encode("utf-8")) for s in stories)
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss * n / math.log(2) / n_bytes,
+            "tokens": n, "stories": len(stories), "bytes": n_bytes}
+
+
 def encode_prompt(tokenizer, prompt: str, device):
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]  # an empty prompt starts a fresh story
     return torch.tensor([ids], dtype=torch.long, device=device)
@@ -116,6 +153,14 @@ def main(argv=None):
         model, tokenizer = load_model_and_tokenizer(name, device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.eval_file is not None:
+        try:
+            r = evaluate_file(model, tokenizer, args.eval_file, args.batch_size, args.block_size, device)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"{args.eval_file}: {r['tokens']:,} tokens scored ({r['stories']:,} stories, {r['bytes']:,} bytes) | "
+              f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} bits/byte")
+        return
     idx = encode_prompt(tokenizer, args.prompt, device)
     room = model.config.max_position_embeddings - idx.size(1)
     if args.max_new_tokens > room:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dataload import FULL_VOCAB, HUB_DATASET, get_batch, iter_eval_batches, prepare_data
+from dataload import FULL_VOCAB, HUB_DATASET, get_batch, prepare_data
+from inference import evaluate_loss
 from model import GPTNeo, GPTNeoConfig
 
 
@@ -168,17 +169,9 @@ def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=torch.device(device).type == "cuda")
 
 
-@torch.no_grad()
 def estimate_loss(model: GPTNeo, tokens, batch_size: int, block_size: int, max_tokens: int, device) -> float:
-    """Mean next-token loss (nats) over the first max_tokens targets of a split, in order."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in iter_eval_batches(tokens, batch_size, block_size, max_tokens, device):
-        n = int((y != -100).sum())
-        total += model(x, y)[1].item() * n
-        count += n
-    model.train()
-    return total / count
+    """Mean next-token loss (nats) over the first max_tokens targets of a split: inference.py --eval_file's number."""
+    return evaluate_loss(model, tokens, batch_size, block_size, max_tokens, device)[0]
 
 
 def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, config: dict):

@@ -92,3 +92,27 @@ def test_cli_rejects_bad_requests(tmp_path):
     assert r.returncode != 0 and "temperature must be >= 0" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--model", str(tmp_path / "missing"))
     assert r.returncode != 0 and "no model folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_file_matches_transformers_loss(tmp_path):
+    import math
+    config = HFConfig(vocab_size=50257, max_position_embeddings=128, hidden_size=32, num_layers=2, num_heads=4,
+                      window_size=16, attention_types=[[["global", "local"], 1]])
+    torch.manual_seed(1)
+    hf = sharpen_(GPTNeoForCausalLM(config)).eval()
+    hf.save_pretrained(tmp_path / "m")
+    stories = ["Once upon a time, a cat sat.", "Tom ran to the park! 🙂", "The end."]
+    (tmp_path / "eval.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    from dataload import gpt_neo_tokenizer
+    tok = gpt_neo_tokenizer()
+    ids = torch.tensor([[i for s in stories for i in tok.encode(s) + [50256]]])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(hf(ids).logits[0, :-1], ids[0, 1:]).item()
+    r = run_cli("--model", str(tmp_path / "m"), "--eval_file", str(tmp_path / "eval.txt"), "--block_size", "128")
+    assert r.returncode == 0, r.stderr
+    n_bytes = sum(len(s.encode()) for s in stories)
+    assert f"{ids.size(1) - 1:,} tokens scored" in r.stdout and f"{n_bytes:,} bytes" in r.stdout
+    assert f"loss {ref:.4f} nats/token" in r.stdout
+    assert f"{ref * (ids.size(1) - 1) / math.log(2) / n_bytes:.4f} bits/byte" in r.stdout
+    r = run_cli("--model", str(tmp_path / "m"), "--eval_file", str(tmp_path / "missing.txt"))
+    assert r.returncode != 0 and "no eval file at" in r.stderr and "Traceback" not in r.stderr
