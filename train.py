@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dataload import FULL_VOCAB, HUB_DATASET, get_batch, prepare_data
-from inference import evaluate_loss
+from inference import evaluate_loss, pick_device
 from model import GPTNeo, GPTNeoConfig
 
 
@@ -163,15 +163,11 @@ def get_lr(step: int, t: TrainConfig) -> float:
 
 def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> torch.optim.AdamW:
     # Weight decay on the matrices of the linear layers only: not biases, LayerNorms or embeddings.
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith(("wte", "wpe")))]
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() == 2 and not name.startswith(("wte", "wpe")) else rest).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=torch.device(device).type == "cuda")
-
-
-def estimate_loss(model: GPTNeo, tokens, batch_size: int, block_size: int, max_tokens: int, device) -> float:
-    """Mean next-token loss (nats) over the first max_tokens targets of a split: inference.py --eval_file's number."""
-    return evaluate_loss(model, tokens, batch_size, block_size, max_tokens, device)[0]
 
 
 def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, config: dict):
@@ -190,23 +186,21 @@ def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, con
     shutil.rmtree(old, ignore_errors=True)
 
 
+def resumable_checkpoint(folder: str) -> str | None:
+    """`folder`, or the copy a crash in the middle of save_checkpoint left, if it holds a training state."""
+    for candidate in (folder, folder + ".old"):
+        if os.path.isfile(os.path.join(candidate, "train_state.pt")):
+            return candidate
+    return None
+
+
 def load_checkpoint(folder: str, model: GPTNeo, opt) -> dict:
-    """Restore weights, optimizer and RNG from `folder` (or the copy a crash mid-save left); return the state."""
-    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
-        folder += ".old"
-    if not os.path.isfile(os.path.join(folder, "train_state.pt")):
-        raise ValueError(f"cannot resume: {folder} holds no checkpoint; drop --resume to start a new run")
+    """Restore weights, optimizer and RNG from a checkpoint folder; return the training state."""
     model.load_state_dict(GPTNeo.from_pretrained(folder).state_dict(), strict=True)
     saved = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
     opt.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
     return saved["state"]
-
-
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def main(argv=None):
@@ -224,7 +218,8 @@ def main(argv=None):
         print(f"[{section}] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(values).items()))
 
     last_dir, best_dir = os.path.join(t.out_dir, "last"), os.path.join(t.out_dir, "best")
-    if args.resume and not any(os.path.isfile(os.path.join(f, "train_state.pt")) for f in (last_dir, last_dir + ".old")):
+    resume_from = resumable_checkpoint(last_dir) if args.resume else None
+    if args.resume and resume_from is None:
         raise SystemExit(f"error: cannot resume: {last_dir} holds no checkpoint; drop --resume to start a new run")
     device = pick_device(t.device)
     torch.manual_seed(t.seed)
@@ -246,7 +241,7 @@ def main(argv=None):
 
     state = {"step": 0, "tokens": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0}
     if args.resume:
-        state = load_checkpoint(last_dir, model, opt)
+        state = load_checkpoint(resume_from, model, opt)
         print(f"# resumed at step {state['step']}")
     os.makedirs(t.out_dir, exist_ok=True)
     metrics = open(os.path.join(t.out_dir, "metrics.jsonl"), "a")
@@ -257,7 +252,7 @@ def main(argv=None):
     while reason is None:
         step = state["step"]
         if (step % t.eval_interval == 0 or step == t.max_steps) and state.get("evaluated_step") != step:
-            val = estimate_loss(model, splits["val"], t.batch_size, d.block_size, t.eval_tokens, device)
+            val, _ = evaluate_loss(model, splits["val"], t.batch_size, d.block_size, t.eval_tokens, device)
             improved = val < state["best_val"] - t.min_delta
             state["evaluated_step"] = step  # a resumed run does not evaluate this step again
             state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
