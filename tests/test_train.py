@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from transformers import GPTNeoConfig as HFConfig
@@ -108,6 +110,7 @@ def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path):
         assert tok.decode(out[0].tolist())
     hf = GPTNeoForCausalLM.from_pretrained(str(tmp_path / "out" / "best"))  # a plain GPT-Neo folder
     assert hf.config.vocab_size == 400
+    assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_early_stopping_on_a_plateau(tmp_path):
@@ -143,3 +146,46 @@ def test_bad_training_values_fail_before_training(tmp_path):
     with pytest.raises(SystemExit, match="cannot resume"):
         train_main(["--config", train_config(tmp_path), "--set", f"train.out_dir={tmp_path / 'fresh'}", "--resume"])
     assert not (tmp_path / "out").exists()
+
+
+def test_two_process_ddp_equals_one_process_with_twice_the_grad_accum(tmp_path):
+    # rank r of 2 takes batch 2 * step + r, which is what one process with grad_accum = 2 takes, and DDP averages
+    # gradients as grad_accum does: the two runs must agree to rounding
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp.mkdir(), single.mkdir()
+    settings = dict(batch_size=4, max_steps=6, eval_interval=3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py"), "--config", train_config(ddp, **settings)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout and done.stdout.count("stopped: max_steps reached") == 1  # rank 0 logs
+    train_main(["--config", train_config(single, grad_accum=2, **settings)])
+    losses = lambda p: [m["loss"] for m in read_metrics(p) if "loss" in m]
+    assert len(losses(ddp)) == 6 and losses(ddp) == pytest.approx(losses(single), rel=1e-5)
+    a = GPTNeo.from_pretrained(str(ddp / "out" / "last")).state_dict()
+    b = GPTNeo.from_pretrained(str(single / "out" / "last")).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_bfloat16_autocast_trains(tmp_path):
+    assert train_main(["--config", train_config(tmp_path, dtype="bfloat16", max_steps=20)]) == 0
+    vals = [m["val_loss"] for m in read_metrics(tmp_path) if "val_loss" in m]
+    assert vals[-1] < vals[0] - 0.5
+
+
+def test_wandb_needs_no_account(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    # no API key anywhere and WANDB_MODE unset: the run logs offline instead of failing
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = train_config(tmp_path, max_steps=4, eval_interval=2)
+    assert train_main(["--config", config, "--use_wandb", "--wandb_project", "p", "--wandb_run_name", "r"]) == 0
+    assert "logging offline" in capsys.readouterr().out
+    runs = glob.glob(str(tmp_path / "out" / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = train_config(tmp_path, max_steps=4, eval_interval=2, out_dir=tmp_path / "off")
+    assert train_main(["--config", config, "--use_wandb"]) == 0
+    assert not (tmp_path / "off" / "wandb").exists()
