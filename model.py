@@ -159,6 +159,9 @@ class KVCache:
                           if nl < config.n_head else None for nl in config.local_heads]
         self.local_kv = [torch.zeros(2, batch_size, nl, min(W, max_len), hd, device=device, dtype=dtype)
                          if nl else None for nl in config.local_heads]
+        # position of each global slot, slot of each local one: decode_step masks the slots not yet visible
+        self.global_slots = torch.arange(max_len, device=device).view(1, 1, 1, max_len)
+        self.local_slots = torch.arange(min(W, max_len), device=device).view(1, 1, 1, min(W, max_len))
 
     def update_global(self, layer: int, kv):
         """Store kv (2, B, nh, T, hd) of the next T positions; return all of this layer's (2, B, nh, pos+T, hd)."""
@@ -203,8 +206,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, masks, kv_cache: KVCache | None = None):
         B, T, C = x.size()
         nh, nl = self.n_head, self.n_local
-        # One matmul for q, k and v: decoding a token is bound by the number of ops, not their size.
-        qkv = F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        qkv = F.linear(x, self.qkv_weight())
         qkv = qkv.view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
         q, kv = qkv[0], qkv[1:]
         start = kv_cache.pos if kv_cache is not None else 0
@@ -218,6 +220,30 @@ class SelfAttention(nn.Module):
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hd) -> (B, T, C)
         return self.resid_dropout(self.out_proj(y))
+
+    def qkv_weight(self):
+        # One matmul for q, k and v: decoding a token is bound by the number of ops, not their size.
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    def decode(self, x, pos, slot, masks, kv_cache: "KVCache"):
+        """One token per row, x (B, 1, C) at position `pos` (a (1,) tensor): every shape is fixed for the
+        whole generation, so torch.compile builds one graph for all steps. Keys of the cache that the query
+        may not see yet are masked instead of sliced away."""
+        B, _, C = x.size()
+        nh, nl = self.n_head, self.n_local
+        qkv = F.linear(x, self.qkv_weight()).view(B, 3, nh, 1, C // nh).transpose(0, 1)  # (3, B, nh, 1, hd)
+        q, kv = qkv[0], qkv[1:]
+        parts = []
+        if nl:
+            ring = kv_cache.local_kv[self.layer]
+            ring.index_copy_(3, slot, kv[:, :, :nl])
+            parts.append(F.scaled_dot_product_attention(q[:, :nl], ring[0], ring[1], attn_mask=masks[1], scale=1.0))
+        if nl < nh:
+            cache = kv_cache.global_kv[self.layer]
+            cache.index_copy_(3, pos, kv[:, :, nl:])
+            parts.append(F.scaled_dot_product_attention(q[:, nl:], cache[0], cache[1], attn_mask=masks[0], scale=1.0))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.out_proj(y.reshape(B, 1, C))  # (B, nh, 1, hd) -> (B, 1, C)
 
     def _attend(self, q, k, v, start, masks, local):
         """q (B, nh, T, hd) holds positions start..start+T-1; k, v hold the S positions ending at the same place."""
@@ -273,6 +299,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), masks, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
+    def decode(self, x, pos, slot, masks, kv_cache):
+        x = x + self.attn.decode(self.ln_1(x), pos, slot, masks, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
 
 class GPTNeo(nn.Module):
     def __init__(self, config: GPTNeoConfig):
@@ -316,6 +346,25 @@ class GPTNeo(nn.Module):
             kv_cache.pos += T
         return self.ln_f(x)
 
+    def decode_step(self, token, pos, kv_cache: KVCache):
+        """Logits (B, vocab) after token (B, 1) at position pos (a (1,) tensor), kv_cache holding every earlier
+        position; the caller advances kv_cache.pos. All shapes stay the same from one step to the next, so
+        torch.compile traces it once for a whole generation."""
+        x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
+        slot = pos % self.config.window_size  # local heads: position p lives in ring slot p % window_size
+        masks = (kv_cache.global_slots <= pos, kv_cache.local_slots <= pos)
+        for block in self.h:
+            x = block.decode(x, pos, slot, masks, kv_cache)
+        return F.linear(self.ln_f(x[:, 0]), self.wte.weight)
+
+    def _compiled_decode_step(self, device):
+        compiled = self.__dict__.setdefault("_compiled_decode_steps", {})
+        if device.type not in compiled:
+            # On CPU the per-kernel Python overhead is what a decode step costs; a C++ wrapper cuts it ~30%.
+            options = {"cpp_wrapper": True} if device.type == "cpu" else None
+            compiled[device.type] = torch.compile(self.decode_step, options=options)
+        return compiled[device.type]
+
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
         """Token ids idx (B, T) -> (logits, loss).
 
@@ -331,19 +380,21 @@ class GPTNeo(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, compile: bool = False):
         """Return idx (B, T) with up to max_new_tokens sampled tokens appended.
 
         temperature 0 is greedy. Sampling draws from torch's global RNG, or from `generator`. Rows that
-        reach eos_token_id are padded with it; generation stops early once every row has.
+        reach eos_token_id are padded with it; generation stops early once every row has. compile=True runs
+        the per-token step through torch.compile: the first call pays for compiling, later ones run faster.
         """
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+                                        compile))
         return torch.cat([idx, *new], dim=1)
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None,
-                        generator: torch.Generator | None = None):
+                        generator: torch.Generator | None = None, compile: bool = False):
         """Yield the next tokens (B, 1) one step at a time, as `generate` appends them."""
         check_sampling_args(temperature, top_k, top_p)
         if max_new_tokens < 0:
@@ -356,18 +407,24 @@ class GPTNeo(nn.Module):
             raise ValueError(f"cannot generate {max_new_tokens} tokens after a {T}-token prompt: the model's "
                              f"context is {limit} tokens (max_position_embeddings); lower max_new_tokens to "
                              f"{max(limit - T, 0)} or shorten the prompt")
+        if max_new_tokens == 0:
+            return
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
+        logits = F.linear(self.hidden_states(idx, cache)[:, -1], self.wte.weight)  # (B, vocab)
+        step = self._compiled_decode_step(idx.device) if compile else self.decode_step
+        pos = torch.tensor([T], device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        x = idx
-        for _ in range(max_new_tokens):
-            logits = F.linear(self.hidden_states(x, cache)[:, -1], self.wte.weight)  # (B, vocab)
+        for i in range(max_new_tokens):
             x = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_token_id is not None:
                 x = x.masked_fill(done[:, None], eos_token_id)
                 done |= x[:, 0] == eos_token_id
             yield x
-            if eos_token_id is not None and bool(done.all()):
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 return
+            logits = step(x, pos, cache)
+            pos += 1
+            cache.pos += 1
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPTNeo":

@@ -54,6 +54,7 @@ def main():
     parser.add_argument("--block_size", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile generation line")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,23 +78,32 @@ def main():
           f"({t_ours * 1e3:.0f} ms)   transformers {tokens / t_hf:7.0f} tok/s ({t_hf * 1e3:.0f} ms)   "
           f"ratio {t_hf / t_ours:.2f}x")
 
-    # (2) greedy generation
+    # (2) greedy generation: ours eager, ours with the per-token step compiled (compile time reported apart)
     ours.eval(), hf.eval()
     prompt = torch.randint(0, config.vocab_size, (1, 8))
     n = args.new_tokens
     outputs = {}
     with torch.inference_mode():
-        def gen_ours():
-            outputs["ours"] = ours.generate(prompt, n, temperature=0)
-
         def gen_hf():
             outputs["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False, pad_token_id=config.eos_token_id)
-        t_ours = median_seconds(gen_ours, args.repeats)
+
+        def gen_ours(compile):
+            def run():
+                outputs["compiled" if compile else "ours"] = ours.generate(prompt, n, temperature=0, compile=compile)
+            return run
         t_hf = median_seconds(gen_hf, args.repeats)
-    same = torch.equal(outputs["ours"], outputs["hf"])
-    print(f"greedy generate B=1 new={n}: ours {n / t_ours:5.0f} tok/s   transformers {n / t_hf:5.0f} tok/s   "
-          f"ratio {t_hf / t_ours:.2f}x   same tokens: {same}")
+        t_ours = median_seconds(gen_ours(False), args.repeats)
+        print(f"greedy generate B=1 new={n}: ours {n / t_ours:5.0f} tok/s   transformers {n / t_hf:5.0f} tok/s   "
+              f"ratio {t_hf / t_ours:.2f}x   same tokens: {torch.equal(outputs['ours'], outputs['hf'])}")
+        if not args.no_compile:
+            t0 = time.perf_counter()
+            gen_ours(True)()
+            first = time.perf_counter() - t0
+            t_compiled = median_seconds(gen_ours(True), args.repeats)
+            print(f"greedy generate, compile=True: ours {n / t_compiled:5.0f} tok/s   transformers {n / t_hf:5.0f} "
+                  f"tok/s   ratio {t_hf / t_compiled:.2f}x   same tokens: "
+                  f"{torch.equal(outputs['compiled'], outputs['hf'])}   (first call, compiling: {first:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,35 @@ def test_kv_cache_decoding_equals_full_forward(heads):
     assert_logits_close(torch.cat(pieces, dim=1), full)
 
 
+@pytest.mark.parametrize("heads", [dict(attention_types="local,global"), dict(local_heads=[2, 0, 4, 1])])
+def test_decode_step_equals_full_forward(heads):
+    # generate's per-token step: static shapes, positions as a tensor, not-yet-seen cache slots masked
+    config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=4, n_head=4, n_embd=32,
+                          window_size=6, **heads)
+    model = sharpen_(GPTNeo(config)).eval()
+    idx = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(config, batch_size=2, max_len=30)
+        pieces = [model(idx[:, :3], kv_cache=cache)[0]]
+        for p in range(3, 30):  # crosses the window edge at 6 and wraps the ring several times
+            pieces.append(model.decode_step(idx[:, p:p + 1], torch.tensor([p]), cache)[:, None])
+            cache.pos += 1
+    assert_logits_close(torch.cat(pieces, dim=1), full)
+
+
+def test_compiled_generation_gives_the_same_tokens():
+    config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=3, n_head=4, n_embd=32,
+                          window_size=6, local_heads=[2, 4, 0])
+    model = sharpen_(GPTNeo(config)).eval()
+    prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(3))
+    eager = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
+    # one compiled graph serves a second call of another length (the cache shapes become dynamic, not a
+    # recompile per step)
+    assert torch.equal(model.generate(prompt, 20, temperature=0, compile=True), eager[:, :25])
+
+
 def test_greedy_generate_matches_transformers_past_window():
     hf = make_hf("odd_small")
     ours = GPTNeo(GPTNeoConfig.from_hf_dict(hf.config.to_dict()))
