@@ -189,3 +189,23 @@ def test_wandb_needs_no_account(tmp_path, monkeypatch, capsys):
     config = train_config(tmp_path, max_steps=4, eval_interval=2, out_dir=tmp_path / "off")
     assert train_main(["--config", config, "--use_wandb"]) == 0
     assert not (tmp_path / "off" / "wandb").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"train": 0}
+    forward = GPTNeo.forward
+
+    def poisoned(self, idx, targets=None, kv_cache=None):
+        logits, loss = forward(self, idx, targets, kv_cache)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] > 13:  # from step 14 on
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(GPTNeo, "forward", poisoned)
+    assert train_main(["--config", train_config(tmp_path)]) == 0
+    stop = read_metrics(tmp_path)[-1]["stop"]
+    assert stop.startswith("loss became nan at step 13") and "last good checkpoint" in stop
+    saved = torch.load(tmp_path / "out" / "last" / "train_state.pt", weights_only=True)
+    assert saved["state"]["step"] == 10  # the evaluation at step 10 saved it; nothing after the NaN did
+    assert GPTNeo.from_pretrained(str(tmp_path / "out" / "last")).wte.weight.isfinite().all()
