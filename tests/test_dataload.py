@@ -182,7 +182,9 @@ def test_real_tinystories_sample_round_trips(full):
 def test_piece_cache_encoding_equals_plain_tokenizer(full, trimmed):
     tok, stories = trimmed
     tricky = ["a  b", "a \n b", "a  \nb", " lead", "trail ", "x\t y", "  ", "it's  'tis 42 3.14 ...!? ",
-              "a\u3000b c\u00a0d", "e\x85 f", "end<|endoftext|> start", "déjà vu 🙂 🙂🙂 x"]
+              "a\u3000b c\u00a0d", "e\x85 f", "end<|endoftext|> start", "déjà vu 🙂 🙂🙂 x",
+              # ASCII stories take a str.split fast path unless a space touches whitespace or an end
+              "x y z.", "\nstart x", "a   b", "x\n  y", "p\t\t  q", "x y\n", "a\x1c b", "a \x1fb", "a\rb c", "a b\x0b c", "a\tb c d", "a b \t"]
     texts = ODD_TEXTS + tricky + stories[:50]
     for tokenizer in (full, tok):
         want = [i for t in texts for i in tokenizer.encode(t) + [tokenizer.eos_token_id]]
