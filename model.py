@@ -453,7 +453,7 @@ class GPTNeo(nn.Module):
         atomic_write(os.path.join(folder, "config.json"), lambda p: write_text(p, json.dumps(config, indent=2) + "\n"))
 
 
-def lm_head_cross_entropy(h, weight, targets, chunk_elements: int = 2 ** 22):
+def lm_head_cross_entropy(h, weight, targets, chunk_elements: int = 2 ** 24):
     """cross_entropy(h @ weight.T, targets, ignore_index=-100) for h (N, C), without building (N, vocab)."""
     chunk = max(1, chunk_elements // weight.size(0))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
