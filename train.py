@@ -189,6 +189,8 @@ def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, con
         json.dump({k: dataclasses.asdict(v) for k, v in config.items()}, f, indent=2, default=list)
     torch.save({"optimizer": opt.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},
                os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:  # the same state, for people and scripts
+        json.dump(state, f, indent=2)
     if os.path.isdir(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)

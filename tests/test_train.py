@@ -104,6 +104,8 @@ def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path):
     assert metrics[-1]["stop"] == "max_steps reached"
     from inference import load_model_and_tokenizer
     for name in ("best", "last"):
+        saved = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
+        assert saved["step"] == 30 and saved["best_val"] == vals[-1]
         model, tok = load_model_and_tokenizer(str(tmp_path / "out" / name), "cpu")
         assert len(tok) == 400 == model.config.vocab_size and model.config.eos_token_id == tok.eos_token_id == 399
         out = model.generate(torch.tensor([[tok.eos_token_id]]), 10, temperature=0)
