@@ -163,15 +163,21 @@ def test_mixed_heads_match_explicit_masked_reference(T):
     assert_logits_close(logits.double(), ref)
 
 
-@pytest.mark.parametrize("heads", [dict(attention_types="local,global"), dict(local_heads=[2, 0, 4, 1]),
-                                   dict(local_heads=4)])
-def test_kv_cache_decoding_equals_full_forward(heads):
+def cache_test_model(heads: dict, length: int):
+    """(config, model, idx (2, length), full-forward logits) of a 4-layer model with a window of 6."""
     config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=4, n_head=4, n_embd=32,
                           window_size=6, **heads)
     model = sharpen_(GPTNeo(config)).eval()
-    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(4))
+    idx = torch.randint(0, 101, (2, length), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        full, _ = model(idx)
+        return config, model, idx, model(idx)[0]
+
+
+@pytest.mark.parametrize("heads", [dict(attention_types="local,global"), dict(local_heads=[2, 0, 4, 1]),
+                                   dict(local_heads=4)])
+def test_kv_cache_decoding_equals_full_forward(heads):
+    config, model, idx, full = cache_test_model(heads, 40)
+    with torch.no_grad():
         cache = KVCache(config, batch_size=2, max_len=40)
         # a prompt, single tokens across the window edge, a multi-token step into a warm cache, more singles
         steps = [0, 5] + list(range(6, 20)) + [27] + list(range(28, 41))
@@ -185,12 +191,8 @@ def test_kv_cache_decoding_equals_full_forward(heads):
 @pytest.mark.parametrize("heads", [dict(attention_types="local,global"), dict(local_heads=[2, 0, 4, 1])])
 def test_decode_step_equals_full_forward(heads):
     # generate's per-token step: static shapes, positions as a tensor, not-yet-seen cache slots masked
-    config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=4, n_head=4, n_embd=32,
-                          window_size=6, **heads)
-    model = sharpen_(GPTNeo(config)).eval()
-    idx = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(4))
+    config, model, idx, full = cache_test_model(heads, 30)
     with torch.no_grad():
-        full, _ = model(idx)
         cache = KVCache(config, batch_size=2, max_len=30)
         pieces = [model(idx[:, :3], kv_cache=cache)[0]]
         for p in range(3, 30):  # crosses the window edge at 6 and wraps the ring several times
