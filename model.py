@@ -357,6 +357,10 @@ class GPTNeo(nn.Module):
             x = block.decode(x, pos, slot, masks, kv_cache)
         return F.linear(self.ln_f(x[:, 0]), self.wte.weight)
 
+    def __getstate__(self):
+        # compiled steps are bound to this instance: a copy or an unpickled model compiles its own
+        return {k: v for k, v in super().__getstate__().items() if k != "_compiled_decode_steps"}
+
     def _compiled_decode_step(self, device):
         compiled = self.__dict__.setdefault("_compiled_decode_steps", {})
         if device.type not in compiled:

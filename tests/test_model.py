@@ -1,5 +1,7 @@
 """model.py against transformers' GPTNeoForCausalLM (random weights, built locally, no network)."""
 
+import copy
+import io
 import json
 import os
 
@@ -211,6 +213,10 @@ def test_compiled_generation_gives_the_same_tokens():
     # one compiled graph serves a second call of another length (the cache shapes become dynamic, not a
     # recompile per step)
     assert torch.equal(model.generate(prompt, 20, temperature=0, compile=True), eager[:, :25])
+    # the compiled step is bound to this model: copies must not share it (they would run these weights)
+    twin = copy.deepcopy(model)
+    assert "_compiled_decode_steps" not in twin.__dict__ and torch.equal(twin.generate(prompt, 30, temperature=0), eager)
+    torch.save(model, io.BytesIO())
 
 
 def test_greedy_generate_matches_transformers_past_window():
