@@ -287,8 +287,8 @@ def encode_pieces(encoder, cache: dict, batch: list[str], dtype, max_cached_piec
     ids[starts[row]:starts[row] + lengths[row]] its ids; so assembling a batch is a few numpy gathers.
     """
     if not cache or len(cache["index"]) > max_cached_pieces:  # bounded memory on endless distinct pieces
-        eot = encoder.token_to_id(EOT)
-        cache.update(index={None: 0}, ids=np.array([eot]), starts=np.array([0]), lengths=np.array([1]), eot=eot)
+        cache.update(index={None: 0}, ids=np.array([encoder.token_to_id(EOT)]), starts=np.array([0]),
+                     lengths=np.array([1]))
     index = cache["index"]
     keys = list(itertools.chain.from_iterable(story_keys(story) for story in batch))
     new = list(set(keys).difference(index))

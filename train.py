@@ -216,10 +216,10 @@ def load_checkpoint(folder: str, model: GPTNeo, opt) -> dict:
 
 def init_distributed(t: TrainConfig):
     """(rank, world_size, device): one process per device under torchrun (it sets RANK), else (0, 1, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(t.device)
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(t.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
