@@ -86,17 +86,20 @@ def load_model_and_tokenizer(name_or_path: str, device):
 
 
 @torch.no_grad()
-def evaluate_loss(model, tokens, batch_size: int, block_size: int, max_tokens: int | None = None, device="cpu"):
-    """(mean next-token loss in nats, tokens scored) over a token stream, in consecutive block_size pieces."""
+def evaluate_loss(model, tokens, batch_size: int, block_size: int, max_tokens: int | None = None, device="cpu",
+                  shard: tuple[int, int] = (0, 1)):
+    """(mean next-token loss in nats, tokens scored) over a token stream, in consecutive block_size pieces.
+    shard (i, n) scores only every n-th batch from the i-th: n processes share one evaluation."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in iter_eval_batches(tokens, batch_size, block_size, max_tokens, device):
-        n = int((y != -100).sum())
-        total += model(x, y)[1].item() * n
-        count += n
+    for i, (x, y) in enumerate(iter_eval_batches(tokens, batch_size, block_size, max_tokens, device)):
+        if i % shard[1] == shard[0]:
+            n = int((y != -100).sum())
+            total += model(x, y)[1].item() * n
+            count += n
     model.train(was_training)
-    return total / count, count
+    return (total / count if count else 0.0), count
 
 
 def evaluate_file(model, tokenizer, path: str, batch_size: int, block_size: int, device):

@@ -236,12 +236,12 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def mean_over_ranks(value: float, device) -> float:
+def sum_over_ranks(*values: float, device) -> list[float]:
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return t.tolist()
 
 
 def start_wandb(args, config: dict, out_dir: str, run_id: str | None):
@@ -364,8 +364,11 @@ def main(argv=None):
     while reason is None:
         step = state["step"]
         if (step % t.eval_interval == 0 or step == t.max_steps) and state.get("evaluated_step") != step:
-            # every rank scores the same validation tokens, so every rank reaches the same early-stopping decision
-            val, _ = evaluate_loss(model, splits["val"], t.batch_size, d.block_size, t.eval_tokens, device)
+            val, n = evaluate_loss(model, splits["val"], t.batch_size, d.block_size, t.eval_tokens, device,
+                                   shard=(rank, world))
+            if world > 1:  # each rank scored its share of the batches; all get the same total, and decision
+                val_sum, n = sum_over_ranks(val * n, n, device=device)
+                val = val_sum / n
             improved = val < state["best_val"] - t.min_delta
             state["evaluated_step"] = step  # a resumed run does not evaluate this step again
             state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
@@ -401,7 +404,7 @@ def main(argv=None):
                     loss = train_model(x, y)[1] / t.grad_accum
                 loss.backward()
             loss_sum += loss.item()
-        loss_sum = mean_over_ranks(loss_sum, device)
+        loss_sum = sum_over_ranks(loss_sum, device=device)[0] / world
         if not math.isfinite(loss_sum):
             reason = f"loss became {loss_sum} at step {step}; the last good checkpoint is {last_dir}"
             break

@@ -116,3 +116,14 @@ def test_eval_file_matches_transformers_loss(tmp_path):
     assert f"{ref * (ids.size(1) - 1) / math.log(2) / n_bytes:.4f} bits/byte" in r.stdout
     r = run_cli("--model", str(tmp_path / "m"), "--eval_file", str(tmp_path / "missing.txt"))
     assert r.returncode != 0 and "no eval file at" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sharded_evaluation_adds_up_to_the_whole():
+    # train.py under torchrun: rank r of n scores every n-th batch, and the ranks' sums give the full evaluation
+    from inference import evaluate_loss
+    model = GPTNeo(GPTNeoConfig(vocab_size=60, max_position_embeddings=32, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.randint(0, 60, (1000,), generator=torch.Generator().manual_seed(1)).numpy()
+    whole, n = evaluate_loss(model, tokens, batch_size=2, block_size=32)
+    parts = [evaluate_loss(model, tokens, batch_size=2, block_size=32, shard=(r, 3)) for r in range(3)]
+    assert n == 999 and sum(c for _, c in parts) == n and all(c > 0 for _, c in parts)
+    assert sum(loss * c for loss, c in parts) / n == pytest.approx(whole, rel=1e-6)

@@ -164,6 +164,8 @@ def test_two_process_ddp_equals_one_process_with_twice_the_grad_accum(tmp_path):
     train_main(["--config", train_config(single, grad_accum=2, **settings)])
     losses = lambda p: [m["loss"] for m in read_metrics(p) if "loss" in m]
     assert len(losses(ddp)) == 6 and losses(ddp) == pytest.approx(losses(single), rel=1e-5)
+    vals = lambda p: [m["val_loss"] for m in read_metrics(p) if "val_loss" in m]  # the ranks split each evaluation
+    assert len(vals(ddp)) == 3 and vals(ddp) == pytest.approx(vals(single), rel=1e-5)
     a = GPTNeo.from_pretrained(str(ddp / "out" / "last")).state_dict()
     b = GPTNeo.from_pretrained(str(single / "out" / "last")).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
