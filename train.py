@@ -227,21 +227,17 @@ def init_distributed(t: TrainConfig):
     return rank, world, device
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every process if `flag` is true on any, so all ranks take the same branch."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def sum_over_ranks(*values: float, device) -> list[float]:
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every process if `flag` is true on any, so all ranks take the same branch."""
+    return sum_over_ranks(float(flag), device=device)[0] > 0
 
 
 def start_wandb(args, config: dict, out_dir: str, run_id: str | None):
