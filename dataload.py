@@ -25,6 +25,7 @@ FULL_VOCAB = 50257
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
 CACHE_VERSION = 1  # bump when the cache format or story handling changes
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
+PIECE_GROUPS = 8  # sequences new pieces are tokenized in (see add_pieces)
 
 
 # ---- tokenizers ----
@@ -305,9 +306,17 @@ def encode_pieces(encoder, cache: dict, batch: list[str], dtype, max_cached_piec
 def add_pieces(encoder, cache: dict, new: list):
     """Tokenize new piece keys (see story_keys) and append them to the cache's table."""
     texts = [k[0] if isinstance(k, tuple) else " " + k for k in new]
-    encoded = [e.ids for e in encoder.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
+    # Pieces go in as the words of a few pre-tokenized sequences, not as one sequence each: tokenizers' cost per
+    # sequence (and a Python list of ids for each) outweighs tokenizing a short piece. A word is tokenized
+    # exactly as it would be alone; word_ids tell which piece each id belongs to. Several sequences keep all
+    # cores busy.
+    size = -(-len(texts) // PIECE_GROUPS)
+    groups = [texts[i:i + size] for i in range(0, len(texts), size)]
+    ids, lengths = [], []
+    for group, e in zip(groups, encoder.encode_batch(groups, is_pretokenized=True, add_special_tokens=False)):
+        ids.append(np.array(e.ids, dtype=np.int64))
+        lengths.append(np.bincount(np.array(e.word_ids, dtype=np.int64), minlength=len(group)))
+    ids, lengths = np.concatenate(ids), np.concatenate(lengths)
     starts = len(cache["ids"]) + np.cumsum(lengths) - lengths
     cache["index"].update(zip(new, range(len(cache["lengths"]), len(cache["lengths"]) + len(new))))
     cache["ids"] = np.concatenate([cache["ids"], ids])
