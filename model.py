@@ -457,54 +457,80 @@ class GPTNeo(nn.Module):
         atomic_write(os.path.join(folder, "config.json"), lambda p: write_text(p, json.dumps(config, indent=2) + "\n"))
 
 
-def lm_head_cross_entropy(h, weight, targets, chunk_elements: int = 2 ** 24):
-    """cross_entropy(h @ weight.T, targets, ignore_index=-100) for h (N, C), without building (N, vocab)."""
-    chunk = max(1, chunk_elements // weight.size(0))
+def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_block: int | None = None):
+    """cross_entropy(h @ weight.T, targets, ignore_index=-100) for h (N, C), without building (N, vocab).
+
+    The logits exist only as blocks of `rows` tokens x `vocab_block` vocabulary entries. On CPU the blocks
+    are cache-sized: with C this small (64-768) that runs 1.5-2x the FLOP/s of one (rows, vocab) matmul
+    (MKL, measured on a 2-core EPYC). Elsewhere one block spans the vocabulary, to launch fewer kernels."""
+    if rows is None or vocab_block is None:
+        cpu = h.device.type == "cpu"
+        rows = rows or (512 if cpu else max(1, 2 ** 26 // weight.size(0)))
+        vocab_block = vocab_block or (2048 if cpu else weight.size(0))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LMHeadCrossEntropy.apply(h, weight, targets, chunk)
-    n_valid = (targets != -100).sum().clamp(min=1)
-    total = sum(F.cross_entropy(F.linear(h[s:s + chunk], weight).float(), targets[s:s + chunk], ignore_index=-100,
-                                reduction="sum") for s in range(0, h.size(0), chunk))
-    return total / n_valid
+        return _LMHeadCrossEntropy.apply(h, weight, targets, rows, vocab_block)
+    valid = targets != -100
+    total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(total.dtype)
+        for s in range(0, h.size(0), rows):
+            hc, tc = h[s:s + rows].to(total.dtype), targets[s:s + rows].clamp(min=0)
+            _, row_max, sum_exp = _exp_logit_blocks(hc, w, vocab_block)
+            total += ((row_max + sum_exp.log())[:, 0] - (hc * w[tc]).sum(dim=1))[valid[s:s + rows]].sum()
+    return total / valid.sum().clamp(min=1)
+
+
+def _exp_logit_blocks(hc, w, vocab_block: int):
+    """exp(logits - row max) for hc (n, C) against w (vocab, C) as a list of (n, vocab_block) blocks, with the
+    row max (n, 1) and the row sum of the exponentials (n, 1)."""
+    blocks = [hc @ w[v:v + vocab_block].t() for v in range(0, w.size(0), vocab_block)]
+    row_max = torch.stack([b.amax(dim=1) for b in blocks]).amax(dim=0)[:, None]
+    sum_exp = sum(b.sub_(row_max).exp_().sum(dim=1, keepdim=True) for b in blocks)
+    return blocks, row_max, sum_exp
 
 
 class _LMHeadCrossEntropy(torch.autograd.Function):
-    """Fused LM head + cross-entropy: forward also computes the gradients chunk by chunk (the trick of
+    """Fused LM head + cross-entropy: forward also computes the gradients block by block (the trick of
     Liger-Kernel's FusedLinearCrossEntropy); backward only scales them. Softmax runs in fp32."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
+    def forward(ctx, h, weight, targets, rows, vocab_block):
         dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for fp64 weights
         valid = targets != -100
-        scale = 1.0 / valid.sum().clamp(min=1)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        scale = 1.0 / valid.sum().clamp(min=1).to(dtype)
+        grad_h = torch.empty_like(h, dtype=dtype) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=dtype) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=dtype, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
-            for s in range(0, h.size(0), chunk):
-                hc, tc, vc = h[s:s + chunk].to(dtype), targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
-                probs = hc @ w.t()  # (n, vocab) logits, turned into d loss / d logits in place below
-                target_logit = probs.gather(1, tc[:, None])[:, 0]
-                row_max = probs.amax(dim=-1, keepdim=True)
-                sum_exp = probs.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-                total += ((row_max + sum_exp.log())[:, 0] - target_logit)[vc].sum()
-                probs.mul_(vc[:, None] * scale / sum_exp)
-                probs[torch.arange(len(tc), device=h.device), tc] -= vc * scale
-                if grad_h is not None:
-                    grad_h[s:s + chunk] = probs @ w
+            for s in range(0, h.size(0), rows):
+                hc, tc = h[s:s + rows].to(dtype), targets[s:s + rows].clamp(min=0)
+                target_w, row_scale = w[tc], (valid[s:s + rows] * scale)[:, None]  # (n, C), (n, 1)
+                blocks, row_max, sum_exp = _exp_logit_blocks(hc, w, vocab_block)
+                total += (((row_max + sum_exp.log())[:, 0] - (hc * target_w).sum(dim=1)) * row_scale[:, 0]).sum()
+                # d loss / d logits = row_scale * (softmax - onehot(target)); the onehot part is added apart
+                softmax_scale = row_scale / sum_exp
+                gh = -row_scale * target_w if grad_h is not None else None
+                for v, probs in zip(range(0, w.size(0), vocab_block), blocks):
+                    probs.mul_(softmax_scale)
+                    if gh is not None:
+                        gh.addmm_(probs, w[v:v + vocab_block])
+                    if grad_w is not None:
+                        grad_w[v:v + vocab_block].addmm_(probs.t(), hc)
                 if grad_w is not None:
-                    grad_w.addmm_(probs.t(), hc)
+                    grad_w.index_add_(0, tc, -row_scale * hc)
+                if gh is not None:
+                    grad_h[s:s + rows] = gh
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total * scale
+        ctx.dtypes = h.dtype, weight.dtype
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss if grad_h is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None
+        grad_h = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
 
 
 def check_sampling_args(temperature, top_k, top_p):

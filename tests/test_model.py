@@ -12,7 +12,8 @@ from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from model import GPTNeo, GPTNeoConfig, KVCache, filter_logits, hf_to_tinylm_state_dict, sample_next_token
+from model import (GPTNeo, GPTNeoConfig, KVCache, filter_logits, hf_to_tinylm_state_dict, lm_head_cross_entropy,
+                   sample_next_token)
 
 # TinyStories-1M as released, and an odd small shape: 3 heads of 8, MLP 40 wide, window 7.
 SHAPES = {
@@ -122,6 +123,25 @@ def test_loss_without_grad_equals_cross_entropy_of_logits():
         logits, _ = model(idx)
         _, loss = model(idx, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, vocab_block", [(5, 7), (64, 2048)])
+def test_blocked_lm_head_cross_entropy_equals_cross_entropy(rows, vocab_block):
+    # Several row chunks and vocab blocks, both with a short last one, and ignored targets.
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (23,), generator=g)
+    targets[[0, 6, 7, 22]] = -100
+    ref = F.cross_entropy(h @ w.t(), targets, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    loss = lm_head_cross_entropy(h, w, targets, rows, vocab_block)
+    grads = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(lm_head_cross_entropy(h, w, targets, rows, vocab_block), ref, rtol=1e-12, atol=1e-12)
 
 
 def reference_attention_forward(model: GPTNeo, idx):
