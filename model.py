@@ -231,7 +231,7 @@ class SelfAttention(nn.Module):
         may not see yet are masked instead of sliced away."""
         B, _, C = x.size()
         nh, nl = self.n_head, self.n_local
-        qkv = F.linear(x, self.qkv_weight()).view(B, 3, nh, 1, C // nh).transpose(0, 1)  # (3, B, nh, 1, hd)
+        qkv = matvec(x, self.qkv_weight()).view(B, 3, nh, 1, C // nh).transpose(0, 1)  # (3, B, nh, 1, hd)
         q, kv = qkv[0], qkv[1:]
         parts = []
         if nl:
@@ -243,7 +243,7 @@ class SelfAttention(nn.Module):
             cache.index_copy_(3, pos, kv[:, :, nl:])
             parts.append(F.scaled_dot_product_attention(q[:, nl:], cache[0], cache[1], attn_mask=masks[0], scale=1.0))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return self.out_proj(y.reshape(B, 1, C))  # (B, nh, 1, hd) -> (B, 1, C)
+        return matvec(y.reshape(B, 1, C), self.out_proj.weight, self.out_proj.bias)  # (B, nh, 1, hd) -> (B, 1, C)
 
     def _attend(self, q, k, v, start, masks, local):
         """q (B, nh, T, hd) holds positions start..start+T-1; k, v hold the S positions ending at the same place."""
@@ -286,6 +286,10 @@ class MLP(nn.Module):
         # gelu_new is GELU's tanh approximation; PyTorch computes it in one fused kernel.
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
+    def decode(self, x):
+        return self.dropout(matvec(F.gelu(matvec(x, self.c_fc.weight, self.c_fc.bias), approximate="tanh"),
+                                   self.c_proj.weight, self.c_proj.bias))
+
 
 class Block(nn.Module):
     def __init__(self, config: GPTNeoConfig, layer: int):
@@ -301,7 +305,7 @@ class Block(nn.Module):
 
     def decode(self, x, pos, slot, masks, kv_cache):
         x = x + self.attn.decode(self.ln_1(x), pos, slot, masks, kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp.decode(self.ln_2(x))
 
 
 class GPTNeo(nn.Module):
@@ -355,7 +359,7 @@ class GPTNeo(nn.Module):
         masks = (kv_cache.global_slots <= pos, kv_cache.local_slots <= pos)
         for block in self.h:
             x = block.decode(x, pos, slot, masks, kv_cache)
-        return F.linear(self.ln_f(x[:, 0]), self.wte.weight)
+        return matvec(self.ln_f(x[:, 0]), self.wte.weight)
 
     def __getstate__(self):
         # compiled steps are bound to this instance: a copy or an unpickled model compiles its own
@@ -426,7 +430,10 @@ class GPTNeo(nn.Module):
             yield x
             if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 return
-            logits = step(x, pos, cache)
+            # Every step of one generation passes the same model, cache and shapes: after the first has
+            # checked torch.compile's guards (recompiling if needed), the rest skip them (0.1 ms a token).
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and i > 0):
+                logits = step(x, pos, cache)
             pos += 1
             cache.pos += 1
 
@@ -455,6 +462,17 @@ class GPTNeo(nn.Module):
         atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         config = {**self.config.to_hf_dict(), "dtype": str(self.wte.weight.dtype).removeprefix("torch.")}
         atomic_write(os.path.join(folder, "config.json"), lambda p: write_text(p, json.dumps(config, indent=2) + "\n"))
+
+
+def matvec(x, weight, bias=None):
+    """F.linear for one token per row. Under torch.compile it is a broadcast multiply and sum, which Inductor
+    turns into vectorized loops fused with their neighbours: on CPU the LM head's (1, C) x (C, vocab) GEMV,
+    half of a small model's time per token, runs 2x faster so than through MKL (0.13 vs 0.29 ms for
+    TinyStories-1M on 2 threads), and the layers' small GEMVs lose their call overhead."""
+    if not torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    y = (x.unsqueeze(-2) * weight).sum(dim=-1)
+    return y if bias is None else y + bias
 
 
 def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_block: int | None = None):

@@ -26,14 +26,18 @@ def hf_twin(model: GPTNeo, folder: str):
     return GPTNeoForCausalLM.from_pretrained(folder, attn_implementation="eager")
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, AdamW state, thread pool
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median wall time of each fn, after one warm-up call each (allocator, AdamW state, thread pool, compiling).
+    The fns take turns, so a slow spell of a shared machine hits all of them alike instead of one."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def train_step_fn(model, loss_of, x, y):
@@ -49,7 +53,7 @@ def train_step_fn(model, loss_of, x, y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=500)
@@ -71,8 +75,9 @@ def main():
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size))
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size))
     hf_loss = lambda m, x, y: torch.nn.functional.cross_entropy(m(x).logits.flatten(0, 1), y.flatten())
-    t_ours = median_seconds(train_step_fn(ours, lambda m, x, y: m(x, y)[1], x, y), args.repeats)
-    t_hf = median_seconds(train_step_fn(hf, hf_loss, x, y), args.repeats)
+    t = interleaved_medians({"ours": train_step_fn(ours, lambda m, x, y: m(x, y)[1], x, y),
+                             "hf": train_step_fn(hf, hf_loss, x, y)}, args.repeats)
+    t_ours, t_hf = t["ours"], t["hf"]
     tokens = args.batch_size * args.block_size
     print(f"train step  B={args.batch_size} T={args.block_size}: ours {tokens / t_ours:7.0f} tok/s "
           f"({t_ours * 1e3:.0f} ms)   transformers {tokens / t_hf:7.0f} tok/s ({t_hf * 1e3:.0f} ms)   "
@@ -92,17 +97,18 @@ def main():
             def run():
                 outputs["compiled" if compile else "ours"] = ours.generate(prompt, n, temperature=0, compile=compile)
             return run
-        t_hf = median_seconds(gen_hf, args.repeats)
-        t_ours = median_seconds(gen_ours(False), args.repeats)
-        print(f"greedy generate B=1 new={n}: ours {n / t_ours:5.0f} tok/s   transformers {n / t_hf:5.0f} tok/s   "
-              f"ratio {t_hf / t_ours:.2f}x   same tokens: {torch.equal(outputs['ours'], outputs['hf'])}")
+        fns = {"hf": gen_hf, "ours": gen_ours(False)}
         if not args.no_compile:
             t0 = time.perf_counter()
             gen_ours(True)()
             first = time.perf_counter() - t0
-            t_compiled = median_seconds(gen_ours(True), args.repeats)
-            print(f"greedy generate, compile=True: ours {n / t_compiled:5.0f} tok/s   transformers {n / t_hf:5.0f} "
-                  f"tok/s   ratio {t_hf / t_compiled:.2f}x   same tokens: "
+            fns["compiled"] = gen_ours(True)
+        t = interleaved_medians(fns, args.repeats)
+        print(f"greedy generate B=1 new={n}: ours {n / t['ours']:5.0f} tok/s   transformers {n / t['hf']:5.0f} "
+              f"tok/s   ratio {t['hf'] / t['ours']:.2f}x   same tokens: {torch.equal(outputs['ours'], outputs['hf'])}")
+        if not args.no_compile:
+            print(f"greedy generate, compile=True: ours {n / t['compiled']:5.0f} tok/s   transformers "
+                  f"{n / t['hf']:5.0f} tok/s   ratio {t['hf'] / t['compiled']:.2f}x   same tokens: "
                   f"{torch.equal(outputs['compiled'], outputs['hf'])}   (first call, compiling: {first:.1f} s)")
 
 

@@ -1,16 +1,15 @@
 """Training throughput and MFU of train.py's loop: TinyLM vs transformers' GPTNeoForCausalLM, same process.
 
-    python bench/bench_train.py [--configs tinystories_1M tinystories_8M] [--steps 3] [--batch_size 8]
+    python bench/bench_train.py [--configs tinystories_1M tinystories_8M] [--steps 5] [--batch_size 8]
 
 Both models start from the same weights and run the same loop (batch from the token stream, forward, loss,
-backward, grad-norm clip, AdamW step). MFU = model FLOPs per second / the matmul FLOP/s this machine reaches
-(a large fp32 matmul, measured here), with nanoGPT's count: 6 * parameters (position embeddings excluded) +
-12 * n_layer * n_embd * block_size per token.
+backward, grad-norm clip, AdamW step), taking turns step by step. MFU = model FLOPs per second / the matmul
+FLOP/s this machine reaches (a large fp32 matmul, measured here), with nanoGPT's count: 6 * parameters
+(position embeddings excluded) + 12 * n_layer * n_embd * block_size per token.
 """
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench_model import hf_twin  # noqa: E402
+from bench_model import hf_twin, interleaved_medians  # noqa: E402
 from dataload import get_batch  # noqa: E402
 from model import GPTNeo  # noqa: E402
 from train import TrainConfig, load_config, make_optimizer  # noqa: E402
@@ -49,18 +48,18 @@ def flops_per_token(model: GPTNeo, block_size: int) -> float:
     return 6 * (model.num_params() - model.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * block_size
 
 
-def seconds_per_step(model, loss_of, tokens, args, device) -> float:
-    """Median wall time of one step of train.py's loop, after one warm-up step."""
+def train_step_fn(model, loss_of, tokens, args, device):
+    """One step of train.py's loop per call, each on the next batch; timed by the caller."""
     opt = make_optimizer(model, TrainConfig(), device) if isinstance(model, GPTNeo) else torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.dim() == 2], "weight_decay": 0.1},
          {"params": [p for p in model.parameters() if p.dim() != 2], "weight_decay": 0.0}], lr=1e-3,
         betas=(0.9, 0.95), fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     model.train()
-    times = []
-    for step in range(args.steps + 1):
-        sync(device)
-        t0 = time.perf_counter()
+    step = 0
+
+    def run():
+        nonlocal step
         x, y = get_batch(tokens, args.batch_size, args.block_size, step, 0, device)
         with autocast:
             loss = loss_of(model, x, y)
@@ -69,8 +68,8 @@ def seconds_per_step(model, loss_of, tokens, args, device) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+        step += 1
+    return run
 
 
 def hf_loss(model, x, y):
@@ -80,7 +79,7 @@ def hf_loss(model, x, y):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["tinystories_1M", "tinystories_8M"], help="names in config/")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model (median)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model, taking turns (median)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--device", default="cpu")
@@ -100,8 +99,9 @@ def main():
         ours = ours.to(device)
         stream = np.random.default_rng(0).integers(0, config.vocab_size, 1_000_000).astype(np.int64)
         flops = flops_per_token(ours, args.block_size)
-        t_ours = seconds_per_step(ours, lambda m, x, y: m(x, y)[1], stream, args, device)
-        t_hf = seconds_per_step(hf, hf_loss, stream, args, device)
+        t = interleaved_medians({"ours": train_step_fn(ours, lambda m, x, y: m(x, y)[1], stream, args, device),
+                                 "hf": train_step_fn(hf, hf_loss, stream, args, device)}, args.steps)
+        t_ours, t_hf = t["ours"], t["hf"]
         line = [f"{name:15s} ({ours.num_params() / 1e6:.1f}M):"]
         for who, t in (("ours", t_ours), ("transformers", t_hf)):
             line.append(f"{who} {tokens_per_step / t:7.0f} tok/s MFU {100 * flops * tokens_per_step / t / peak:5.1f}%")
