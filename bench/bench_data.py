@@ -10,12 +10,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataload import (EOT, build_cache, count_tokens, gpt_neo_tokenizer, non_empty, read_stories,  # noqa: E402
+from dataload import (PARALLEL_BYTES, build_cache, count_tokens, gpt_neo_tokenizer, non_empty, read_stories,  # noqa: E402
                       resolve_files, trim_tokenizer)
 
 SHARED_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinystories_train_*.txt")
@@ -28,9 +27,13 @@ def generated_stories(n=25000):
 
 
 def main():
+    # here, not at the top: spawned cache-builder workers re-import this file, and should not import torch
+    from bench_model import interleaved_medians
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="files to tokenize (default: ../shared train files if present)")
     p.add_argument("--vocab_size", type=int, default=10000)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, taking turns (median)")
     args = p.parse_args()
     spec = args.data or (SHARED_TRAIN if resolve_files_or_none(SHARED_TRAIN) else None)
     stories = list(non_empty(read_stories(resolve_files(spec)), {})) if spec else generated_stories()
@@ -40,19 +43,30 @@ def main():
     counts = count_tokens(full, stories)
     tok = trim_tokenizer(full, counts, args.vocab_size)
 
-    t0 = time.perf_counter()
-    loop_ids = [tok.encode(s) + [tok.eos_token_id] for s in stories]
-    t_loop = time.perf_counter() - t0
-    print(f"per-story encode loop:            {mb / t_loop:6.2f} MB/s")
-    for workers in (1, os.cpu_count()):
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            n = build_cache(os.path.join(d, "train.bin"), tok, iter(stories), workers=workers)
-            t_cache = time.perf_counter() - t0
-            cached = np.fromfile(os.path.join(d, "train.bin"), dtype=np.uint16)
-        assert n == sum(map(len, loop_ids)) and np.array_equal(cached, np.concatenate(loop_ids)), "different tokens"
-        print(f"cache builder, {workers} process{'es' if workers > 1 else '  '}:     {mb / t_cache:6.2f} MB/s   "
-              f"ratio {t_loop / t_cache:.2f}x   (same {n:,} tokens; process start-up included)")
+    results = {}
+
+    def loop():
+        results["loop"] = [tok.encode(s) + [tok.eos_token_id] for s in stories]
+
+    def builder(workers):
+        def run():
+            with tempfile.TemporaryDirectory() as d:
+                n = build_cache(os.path.join(d, "train.bin"), tok, iter(stories), workers=workers)
+                results[workers] = n, np.fromfile(os.path.join(d, "train.bin"), dtype=np.uint16)
+        return run
+    # prepare_data uses one process for corpora below PARALLEL_BYTES (the tokenizer's threads still use every
+    # core) and one per core above
+    workers = [1] + ([os.cpu_count()] if os.cpu_count() > 1 else [])
+    t = interleaved_medians({"loop": loop, **{w: builder(w) for w in workers}}, args.repeats)
+    print(f"per-story encode loop:            {mb / t['loop']:6.2f} MB/s   (median of {args.repeats}, taking turns)")
+    expected = np.concatenate(results["loop"])
+    for w in workers:
+        n, cached = results[w]
+        assert n == len(expected) and np.array_equal(cached, expected), "different tokens"
+        used = (w > 1) == (mb * 1e6 > PARALLEL_BYTES)
+        print(f"cache builder, {w} process{'es' if w > 1 else '  '}:     {mb / t[w]:6.2f} MB/s   "
+              f"ratio {t['loop'] / t[w]:.2f}x   (same {n:,} tokens; process start-up included)"
+              f"{'   <- what prepare_data runs for this corpus' if used else ''}")
 
     total = counts.sum()
     print(f"\nvocab   coverage   tokens/story full -> trimmed   (corpus uses {int((counts > 0).sum()):,} distinct tokens)")
