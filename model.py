@@ -233,17 +233,21 @@ class SelfAttention(nn.Module):
         nh, nl = self.n_head, self.n_local
         qkv = matvec(x, self.qkv_weight()).view(B, 3, nh, 1, C // nh).transpose(0, 1)  # (3, B, nh, 1, hd)
         q, kv = qkv[0], qkv[1:]
+        dropout = self.dropout if self.training else 0.0
         parts = []
         if nl:
             ring = kv_cache.local_kv[self.layer]
             ring.index_copy_(3, slot, kv[:, :, :nl])
-            parts.append(F.scaled_dot_product_attention(q[:, :nl], ring[0], ring[1], attn_mask=masks[1], scale=1.0))
+            parts.append(F.scaled_dot_product_attention(q[:, :nl], ring[0], ring[1], attn_mask=masks[1],
+                                                        dropout_p=dropout, scale=1.0))
         if nl < nh:
             cache = kv_cache.global_kv[self.layer]
             cache.index_copy_(3, pos, kv[:, :, nl:])
-            parts.append(F.scaled_dot_product_attention(q[:, nl:], cache[0], cache[1], attn_mask=masks[0], scale=1.0))
+            parts.append(F.scaled_dot_product_attention(q[:, nl:], cache[0], cache[1], attn_mask=masks[0],
+                                                        dropout_p=dropout, scale=1.0))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return matvec(y.reshape(B, 1, C), self.out_proj.weight, self.out_proj.bias)  # (B, nh, 1, hd) -> (B, 1, C)
+        y = matvec(y.reshape(B, 1, C), self.out_proj.weight, self.out_proj.bias)  # (B, nh, 1, hd) -> (B, 1, C)
+        return self.resid_dropout(y)
 
     def _attend(self, q, k, v, start, masks, local):
         """q (B, nh, T, hd) holds positions start..start+T-1; k, v hold the S positions ending at the same place."""
