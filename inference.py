@@ -17,6 +17,7 @@ import torch
 
 from dataload import encode_batches, iter_eval_batches, load_tokenizer, non_empty, read_stories
 from model import GPTNeo, check_sampling_args, resolve_pretrained
+from native import native_decode_step
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--no_stream", action="store_true", help="print each story when it is finished")
     p.add_argument("--compile", action="store_true", help="torch.compile the per-token step: faster for long or "
                    "many samples, after a compile of ten seconds or more (on CPU it needs a C++ compiler)")
+    p.add_argument("--native", action="store_true", help="run the per-token step in C (decode.c, built with the "
+                   "system's C compiler in about a second): the fastest sampling on CPU, fp32 models only")
     p.add_argument("--eval_file", default=None, help="instead of sampling, score this text file (stories separated "
                    "by <|endoftext|>): loss in nats/token, perplexity and bits per UTF-8 byte")
     p.add_argument("--block_size", type=int, default=512, help="context of each scored piece with --eval_file "
@@ -123,14 +126,14 @@ def encode_prompt(tokenizer, prompt: str, device):
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def stream_story(model, tokenizer, idx, args, out=sys.stdout) -> list[int]:
-    """Print the prompt and then the story as its tokens arrive; return all token ids."""
+def stream_story(model, tokenizer, idx, args, out=sys.stdout, step=None) -> list[int]:
+    """Print the prompt and then the story as its tokens arrive; return all token ids. `step`: see GPTNeo.generate."""
     ids = idx[0].tolist()
     printed = tokenizer.decode(ids, skip_special_tokens=True)
     out.write(printed)
     top_k = args.top_k or None
     for token in model.generate_stream(idx, args.max_new_tokens, args.temperature, top_k, args.top_p,
-                                       eos_token_id=tokenizer.eos_token_id, compile=args.compile):
+                                       eos_token_id=tokenizer.eos_token_id, compile=args.compile, step=step):
         ids.append(token.item())
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if not args.no_stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -171,12 +174,18 @@ def main(argv=None):
     if args.max_new_tokens > room:
         raise SystemExit(f"--max_new_tokens {args.max_new_tokens} does not fit: the prompt has {idx.size(1)} tokens "
                          f"and the model's context is {model.config.max_position_embeddings}; use at most {room}")
+    step = None
+    if args.native:
+        try:
+            step = native_decode_step(model)
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: --native: {e}") from None
     print(f"# {name}: {model.num_params() / 1e6:.2f}M parameters on {device}", file=sys.stderr)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         t0 = time.perf_counter()
-        ids = stream_story(model, tokenizer, idx, args)
+        ids = stream_story(model, tokenizer, idx, args, step=step)
         n_new = len(ids) - idx.size(1)
         print(f"# {n_new} tokens, {n_new / (time.perf_counter() - t0):.0f} tokens/s", file=sys.stderr)
 

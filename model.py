@@ -394,21 +394,22 @@ class GPTNeo(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, compile: bool = False):
+                 generator: torch.Generator | None = None, compile: bool = False, step=None):
         """Return idx (B, T) with up to max_new_tokens sampled tokens appended.
 
         temperature 0 is greedy. Sampling draws from torch's global RNG, or from `generator`. Rows that
         reach eos_token_id are padded with it; generation stops early once every row has. compile=True runs
         the per-token step through torch.compile: the first call pays for compiling, later ones run faster.
+        `step` replaces the per-token step (decode_step's interface), e.g. native.native_decode_step(model).
         """
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                                        compile))
+                                        compile, step))
         return torch.cat([idx, *new], dim=1)
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None,
-                        generator: torch.Generator | None = None, compile: bool = False):
+                        generator: torch.Generator | None = None, compile: bool = False, step=None):
         """Yield the next tokens (B, 1) one step at a time, as `generate` appends them."""
         check_sampling_args(temperature, top_k, top_p)
         if max_new_tokens < 0:
@@ -425,7 +426,8 @@ class GPTNeo(nn.Module):
             return
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
         logits = F.linear(self.hidden_states(idx, cache)[:, -1], self.wte.weight)  # (B, vocab)
-        step = self._compiled_decode_step(idx.device) if compile else self.decode_step
+        compiled = step is None and compile
+        step = step or (self._compiled_decode_step(idx.device) if compile else self.decode_step)
         pos = torch.tensor([T], device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
@@ -438,7 +440,7 @@ class GPTNeo(nn.Module):
                 return
             # Every step of one generation passes the same model, cache and shapes: after the first has
             # checked torch.compile's guards (recompiling if needed), the rest skip them (0.1 ms a token).
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and i > 0):
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=compiled and i > 0):
                 logits = step(x, pos, cache)
             pos += 1
             cache.pos += 1

@@ -3,7 +3,7 @@
     python bench/bench_model.py [--steps 5] [--new_tokens 500] [--threads N]
 
 Prints (1) training-step throughput (forward + backward + AdamW, batch 8 x 512) and (2) greedy generation
-tokens/s (batch 1), each as ours / transformers.
+tokens/s (batch 1): eager, compile=True and native (decode.c), each as ours / transformers.
 """
 
 import argparse
@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPTNeo, GPTNeoConfig  # noqa: E402
+from native import native_decode_step  # noqa: E402
 
 
 def hf_twin(model: GPTNeo, folder: str):
@@ -97,7 +98,15 @@ def main():
             def run():
                 outputs["compiled" if compile else "ours"] = ours.generate(prompt, n, temperature=0, compile=compile)
             return run
+
+        def gen_native():
+            outputs["native"] = ours.generate(prompt, n, temperature=0, step=native_step)
         fns = {"hf": gen_hf, "ours": gen_ours(False)}
+        try:
+            native_step = native_decode_step(ours)
+            fns["native"] = gen_native
+        except RuntimeError as e:
+            print(f"(no native line: {e})")
         if not args.no_compile:
             t0 = time.perf_counter()
             gen_ours(True)()
@@ -110,6 +119,10 @@ def main():
             print(f"greedy generate, compile=True: ours {n / t['compiled']:5.0f} tok/s   transformers "
                   f"{n / t['hf']:5.0f} tok/s   ratio {t['hf'] / t['compiled']:.2f}x   same tokens: "
                   f"{torch.equal(outputs['compiled'], outputs['hf'])}   (first call, compiling: {first:.1f} s)")
+        if "native" in t:
+            print(f"greedy generate, native (decode.c): ours {n / t['native']:5.0f} tok/s   transformers "
+                  f"{n / t['hf']:5.0f} tok/s   ratio {t['hf'] / t['native']:.2f}x   same tokens: "
+                  f"{torch.equal(outputs['native'], outputs['hf'])}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+// TinyLM's per-token decoding step in C, for CPU and fp32: what GPTNeo.decode_step (model.py) computes,
+// without the per-operation overhead that dominates a small model's step in PyTorch. native.py compiles
+// this file on first use and calls tinylm_decode_step through ctypes.
+#include <math.h>
+#include <stddef.h>
+
+#ifdef TINYLM_MVEC
+// glibc's vector math (libmvec) has SIMD versions of expf and tanhf; declaring them lets the compiler
+// vectorize the softmax and GELU loops (math.h declares them only under -ffast-math, which is not used here).
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+float tanhf(float);
+#endif
+
+typedef struct {
+    int n_layer, n_head, n_embd, n_inner, vocab_size, window_size, max_len, batch_size;
+    float eps;
+    const int *local_heads;  // (n_layer,): the first local_heads[l] heads of layer l are local
+    const float *wte, *wpe, *lnf_w, *lnf_b;
+    // (n_layer,) arrays of pointers; qkv_w is q, k and v stacked: (3 * n_embd, n_embd)
+    const float **ln1_w, **ln1_b, **qkv_w, **out_w, **out_b, **ln2_w, **ln2_b, **fc_w, **fc_b, **proj_w, **proj_b;
+    // Keys then values with positions along rows, so attention loops run over positions:
+    // global (2, B, n_head - nl, hd, max_len) and local ring (2, B, nl, hd, min(window_size, max_len)), or NULL
+    float **global_kv, **local_kv;
+    float *scratch;  // (7 * n_embd + n_inner + max_len + batch_size * n_embd) floats
+} Model;
+
+static float dot(const float *a, const float *b, int n) {
+    float acc = 0.f;
+    #pragma omp simd reduction(+:acc)
+    for (int i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static void layer_norm(float *out, const float *x, const float *w, const float *b, int n, float eps) {
+    float mean = 0.f, var = 0.f;
+    for (int i = 0; i < n; i++) mean += x[i];
+    mean /= n;
+    for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    float rstd = 1.f / sqrtf(var / n + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+// out = w @ x (+ bias) for w (rows, n)
+static void matvec(float *out, const float *w, const float *x, const float *bias, int rows, int n) {
+    for (int r = 0; r < rows; r++) out[r] = dot(w + (size_t)r * n, x, n) + (bias ? bias[r] : 0.f);
+}
+
+// Softmax attention of q (hd) over the first n positions of kt, vt (hd, S) into out (hd). GPT-Neo does not
+// scale q.k by 1/sqrt(hd).
+static void attend(float *out, const float *q, const float *kt, const float *vt, int n, int hd, size_t S,
+                   float *scores) {
+    for (int j = 0; j < n; j++) scores[j] = 0.f;
+    for (int d = 0; d < hd; d++) {
+        const float *row = kt + d * S;
+        float qd = q[d];
+        #pragma omp simd
+        for (int j = 0; j < n; j++) scores[j] += qd * row[j];
+    }
+    float mx = -INFINITY, sum = 0.f;
+    #pragma omp simd reduction(max:mx)
+    for (int j = 0; j < n; j++) mx = scores[j] > mx ? scores[j] : mx;
+    #pragma omp simd reduction(+:sum)
+    for (int j = 0; j < n; j++) {
+        scores[j] = expf(scores[j] - mx);
+        sum += scores[j];
+    }
+    for (int d = 0; d < hd; d++) out[d] = dot(scores, vt + d * S, n) / sum;
+}
+
+static float gelu_new(float x) {
+    return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+// logits (B, V) = hidden (B, C) @ wte.T: the step's largest cost (it reads all of wte), split over all cores,
+// four rows at a time so each vector of hidden is loaded once for four rows of wte.
+static void lm_head(const Model *m, const float *hidden, float *logits) {
+    int C = m->n_embd, V = m->vocab_size;
+    for (int b = 0; b < m->batch_size; b++) {
+        const float *h = hidden + (size_t)b * C;
+        float *out = logits + (size_t)b * V;
+        #pragma omp parallel for schedule(static)
+        for (int r = 0; r < V - 3; r += 4) {
+            const float *w0 = m->wte + (size_t)r * C, *w1 = w0 + C, *w2 = w1 + C, *w3 = w2 + C;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            #pragma omp simd reduction(+:a0, a1, a2, a3)
+            for (int i = 0; i < C; i++) {
+                a0 += w0[i] * h[i];
+                a1 += w1[i] * h[i];
+                a2 += w2[i] * h[i];
+                a3 += w3[i] * h[i];
+            }
+            out[r] = a0, out[r + 1] = a1, out[r + 2] = a2, out[r + 3] = a3;
+        }
+        for (int r = V - V % 4; r < V; r++) out[r] = dot(m->wte + (size_t)r * C, h, C);
+    }
+}
+
+// logits (B, V) after tokens (B,) at position pos; every earlier position is in the caches, which get this one.
+void tinylm_decode_step(const Model *m, const long long *tokens, long long pos, float *logits) {
+    int C = m->n_embd, nh = m->n_head, hd = C / nh, I = m->n_inner, B = m->batch_size;
+    int W = m->window_size < m->max_len ? m->window_size : m->max_len;
+    float *x = m->scratch, *h = x + C, *att = h + C, *y = att + C, *qkv = y + C, *u = qkv + 3 * C;
+    float *scores = u + I, *hidden = scores + m->max_len;
+    for (int b = 0; b < B; b++) {
+        for (int i = 0; i < C; i++) x[i] = m->wte[(size_t)tokens[b] * C + i] + m->wpe[(size_t)pos * C + i];
+        for (int l = 0; l < m->n_layer; l++) {
+            int nl = m->local_heads[l];
+            layer_norm(h, x, m->ln1_w[l], m->ln1_b[l], C, m->eps);
+            matvec(qkv, m->qkv_w[l], h, NULL, 3 * C, C);  // (3, n_head, hd)
+            for (int head = 0; head < nh; head++) {
+                int local = head < nl, heads = local ? nl : nh - nl, i = local ? head : head - nl;
+                // a local head keeps position p in ring slot p % W, and sees every filled slot
+                size_t S = local ? W : m->max_len, slot = local ? pos % W : pos;
+                int n = local ? (pos + 1 < W ? pos + 1 : W) : pos + 1;
+                float *kt = (local ? m->local_kv[l] : m->global_kv[l]) + ((size_t)b * heads + i) * hd * S;
+                float *vt = kt + (size_t)B * heads * hd * S;
+                for (int d = 0; d < hd; d++) {
+                    kt[d * S + slot] = qkv[C + head * hd + d];
+                    vt[d * S + slot] = qkv[2 * C + head * hd + d];
+                }
+                attend(att + head * hd, qkv + head * hd, kt, vt, n, hd, S, scores);
+            }
+            matvec(y, m->out_w[l], att, m->out_b[l], C, C);
+            for (int i = 0; i < C; i++) x[i] += y[i];
+            layer_norm(h, x, m->ln2_w[l], m->ln2_b[l], C, m->eps);
+            matvec(u, m->fc_w[l], h, m->fc_b[l], I, C);
+            #pragma omp simd
+            for (int i = 0; i < I; i++) u[i] = gelu_new(u[i]);
+            matvec(y, m->proj_w[l], u, m->proj_b[l], C, I);
+            for (int i = 0; i < C; i++) x[i] += y[i];
+        }
+        layer_norm(hidden + (size_t)b * C, x, m->lnf_w, m->lnf_b, C, m->eps);
+    }
+    lm_head(m, hidden, logits);
+}

@@ -1,0 +1,73 @@
+"""decode.c through native.py: the same logits as GPTNeo.decode_step, the same greedy tokens as transformers."""
+
+import pytest
+import torch
+from test_model import make_hf, sharpen_
+from transformers import GPTNeoForCausalLM
+
+from model import GPTNeo, GPTNeoConfig, KVCache, hf_to_tinylm_state_dict
+from native import load_library, native_decode_step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def c_compiler():
+    try:
+        load_library()
+    except RuntimeError as e:  # no C compiler on this machine: the PyTorch paths still work
+        pytest.skip(str(e))
+
+
+def test_native_step_gives_decode_step_logits_across_window_and_ring_wraps():
+    # mixed layers (2 of 4 heads local, all global, all local, 1 local), window 6, two rows
+    config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=4, n_head=4, n_embd=32,
+                          window_size=6, local_heads=[2, 0, 4, 1])
+    model = sharpen_(GPTNeo(config)).eval()
+    idx = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref_cache, cache = KVCache(config, 2, 30), KVCache(config, 2, 30)
+        model.hidden_states(idx[:, :5], ref_cache)
+        model.hidden_states(idx[:, :5], cache)
+        step = native_decode_step(model)
+        for t in range(5, 30):  # from inside the window to 4 times around the ring
+            pos = torch.tensor([t])
+            ref = model.decode_step(idx[:, t:t + 1], pos, ref_cache)
+            got = step(idx[:, t:t + 1], pos, cache)
+            ref_cache.pos += 1
+            cache.pos += 1
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", ["odd_small", "tinystories_1M"])
+def test_native_greedy_generation_matches_transformers(shape):
+    hf: GPTNeoForCausalLM = make_hf(shape)
+    ours = GPTNeo(GPTNeoConfig.from_hf_dict(hf.config.to_dict()))
+    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.config))
+    ours.eval()
+    vocab = hf.config.vocab_size
+    prompt = torch.randint(1, vocab, (1, 4), generator=torch.Generator().manual_seed(5))
+    n = 40 if shape == "odd_small" else 270  # both past the window
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, n, temperature=0, step=native_decode_step(ours)), ref)
+
+
+def test_native_sampling_with_eos_and_a_second_call():
+    config = GPTNeoConfig(vocab_size=50, max_position_embeddings=64, n_layer=2, n_head=2, n_embd=16, window_size=5)
+    model = sharpen_(GPTNeo(config)).eval()
+    prompt = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(0))
+    step = native_decode_step(model)
+    for n in (20, 12):  # one step function serves generate calls with new caches
+        eager = model.generate(prompt, n, temperature=0.7, top_k=10, eos_token_id=7,
+                               generator=torch.Generator().manual_seed(4))
+        native = model.generate(prompt, n, temperature=0.7, top_k=10, eos_token_id=7,
+                                generator=torch.Generator().manual_seed(4), step=step)
+        assert torch.equal(native, eager)
+
+
+def test_native_refuses_what_it_cannot_run():
+    model = GPTNeo(GPTNeoConfig(vocab_size=50, max_position_embeddings=16, n_layer=1, n_head=2, n_embd=8,
+                                dropout=0.1))
+    with pytest.raises(ValueError, match="model.eval()"):
+        native_decode_step(model)  # training mode with dropout
+    with pytest.raises(ValueError, match="fp32 models on CPU"):
+        native_decode_step(model.eval().double())
