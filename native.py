@@ -38,10 +38,11 @@ class _Model(ctypes.Structure):
 @functools.cache
 def load_library() -> ctypes.CDLL:
     """decode.c compiled and loaded, once per process."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    wanted = os.environ.get("CC")
+    cc = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        raise RuntimeError("native decoding compiles decode.c and found no C compiler (cc, gcc, clang or $CC); "
-                           "install one, or generate without it")
+        raise RuntimeError(f"native decoding compiles decode.c and found no C compiler "
+                           f"({'$CC=' + wanted if wanted else 'cc, gcc or clang'}); install one, or generate without it")
     folder = tempfile.mkdtemp(prefix="tinylm-native-")
     try:
         path, errors = os.path.join(folder, "decode.so"), ""
@@ -49,10 +50,13 @@ def load_library() -> ctypes.CDLL:
         # (Apple clang, musl) the same code builds slower
         for flags in (FLAGS + ["-fopenmp", "-DTINYLM_MVEC", "-lmvec"], FLAGS + ["-fopenmp"], FLAGS):
             result = subprocess.run([cc, *flags, SOURCE, "-o", path, "-lm"], capture_output=True, text=True)
-            if result.returncode == 0:
-                library = ctypes.CDLL(path)  # loaded: the file itself is no longer needed
-                break
             errors = result.stderr
+            if result.returncode == 0:
+                try:
+                    library = ctypes.CDLL(path)  # loaded: the file itself is no longer needed
+                    break
+                except OSError as e:  # e.g. a vector function this glibc lacks: a shared library links anyway
+                    errors = str(e)
         else:
             raise RuntimeError(f"compiling {SOURCE} with {cc} failed:\n{errors}")
     finally:
