@@ -475,7 +475,7 @@ class GPTNeo(nn.Module):
 def matvec(x, weight, bias=None):
     """F.linear for one token per row. Under torch.compile it is a broadcast multiply and sum, which Inductor
     turns into vectorized loops fused with their neighbours: on CPU the LM head's (1, C) x (C, vocab) GEMV,
-    half of a small model's time per token, runs 2x faster so than through MKL (0.13 vs 0.29 ms for
+    half of a small model's time per token, runs 2x faster that way than through MKL (0.13 vs 0.29 ms for
     TinyStories-1M on 2 threads), and the layers' small GEMVs lose their call overhead."""
     if not torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
@@ -489,10 +489,9 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
     The logits exist only as blocks of `rows` tokens x `vocab_block` vocabulary entries. On CPU the blocks
     are cache-sized: with C this small (64-768) that runs 1.5-2x the FLOP/s of one (rows, vocab) matmul
     (MKL, measured on a 2-core EPYC). Elsewhere one block spans the vocabulary, to launch fewer kernels."""
-    if rows is None or vocab_block is None:
-        cpu = h.device.type == "cpu"
-        rows = rows or (512 if cpu else max(1, 2 ** 26 // weight.size(0)))
-        vocab_block = vocab_block or (2048 if cpu else weight.size(0))
+    cpu = h.device.type == "cpu"
+    rows = rows or (512 if cpu else max(1, 2 ** 26 // weight.size(0)))
+    vocab_block = vocab_block or (2048 if cpu else weight.size(0))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LMHeadCrossEntropy.apply(h, weight, targets, rows, vocab_block)
     valid = targets != -100

@@ -1,6 +1,6 @@
 """TinyLM vs transformers GPT-Neo on the TinyStories-1M shape, same weights, same process, CPU.
 
-    python bench/bench_model.py [--steps 5] [--new_tokens 500] [--threads N]
+    python bench/bench_model.py [--repeats 5] [--new_tokens 500] [--threads N] [--no_compile]
 
 Prints (1) training-step throughput (forward + backward + AdamW, batch 8 x 512) and (2) greedy generation
 tokens/s (batch 1): eager, compile=True and native (decode.c), each as ours / transformers.
