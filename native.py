@@ -4,7 +4,7 @@
     out = model.generate(idx, 200, temperature=0, step=native_decode_step(model))
 
 decode.c computes what GPTNeo.decode_step computes (fp32, eval mode, any mix of local and global heads), with
-no per-operation overhead: for TinyStories-1M a token costs about a third of the compiled PyTorch step. It is
+no per-operation overhead: for TinyStories-1M a token costs about half of the compiled PyTorch step. It is
 compiled with the system's C compiler (`cc`, or $CC) into a temporary folder on first use in a process
 (about a second).
 """
