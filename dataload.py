@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -23,7 +24,7 @@ EOT = "<|endoftext|>"
 HUB_DATASET = "roneneldan/TinyStories"
 FULL_VOCAB = 50257
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
-CACHE_VERSION = 1  # bump when the cache format or story handling changes
+CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
 PIECE_GROUPS = 8  # sequences new pieces are tokenized in (see add_pieces)
 
@@ -55,11 +56,24 @@ def tokenizer_from_file(path: str):
     return PreTrainedTokenizerFast(tokenizer_file=path, eos_token=EOT, bos_token=EOT, unk_token=EOT)
 
 
-def load_tokenizer(folder: str | None = None):
-    """The tokenizer saved in a checkpoint folder (tokenizer.json), else the full GPT-Neo tokenizer."""
-    if folder is not None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return tokenizer_from_file(os.path.join(folder, "tokenizer.json"))
-    return gpt_neo_tokenizer()
+def load_tokenizer(name_or_path: str | None = None):
+    """The tokenizer that belongs to a model: tokenizer.json of its folder (every TinyLM checkpoint has one; a
+    hub id resolves as in GPTNeo.from_pretrained), else the full GPT-Neo tokenizer the released weights use."""
+    if name_or_path is None:
+        return gpt_neo_tokenizer()
+    folder = name_or_path
+    if not os.path.isdir(folder):
+        from model import resolve_pretrained
+
+        folder = resolve_pretrained(name_or_path)
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return gpt_neo_tokenizer()
+    try:
+        return tokenizer_from_file(path)
+    except Exception as e:  # tokenizers raises plain Exceptions for a file it cannot parse
+        raise ValueError(f"could not read {path} ({str(e)[:100]}): the model's tokenizer file is damaged; "
+                         "copy it again from where the model came from") from None
 
 
 def count_tokens(tokenizer, stories, workers: int = 1) -> np.ndarray:
@@ -189,6 +203,33 @@ def read_stories(files: list[str]):
         yield from reader(path)
 
 
+def hub_offline() -> bool:
+    """True when the environment asks huggingface_hub or datasets to stay offline (they then use their caches)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_hub_reachable(name: str, timeout: float = 10.0):
+    """One request to the hub before `datasets` starts, which retries a failed connection for half a minute.
+    Unreachable: a ConnectionError that says what to do. Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)
+    asks nothing: `datasets` then reads its local cache or fails at once."""
+    if hub_offline():
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().dataset_info(name, timeout=timeout)
+    except HfHubHTTPError:
+        return  # the hub answered (a missing or gated dataset): datasets gives the full story
+    except Exception as e:
+        raise ConnectionError(f"the Hugging Face hub cannot be reached for the dataset {name!r} "
+                              f"({type(e).__name__}); offline, point data.dataset at local TinyStories text files (a "
+                              "file, folder or glob), or set HF_HUB_OFFLINE=1 to use a copy datasets downloaded "
+                              "before") from None
+
+
 def hub_stories(name: str, split: str, stats: dict):
     """Stripped non-empty `text` fields of a split of a `datasets` hub dataset."""
     try:
@@ -196,8 +237,10 @@ def hub_stories(name: str, split: str, stats: dict):
 
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise ConnectionError(f"could not load the hub dataset {name!r} ({type(e).__name__}); offline, download its "
-                              "text files elsewhere and point data.dataset at them (a file, folder or glob)") from None
+        offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" if hub_offline() else ""
+        raise ConnectionError(f"could not load the hub dataset {name!r}{offline} ({type(e).__name__}); offline, "
+                              "download its text files elsewhere and point data.dataset at them (a file, folder or "
+                              "glob)") from None
     for batch in ds.iter(batch_size=1000):
         yield from non_empty((t or "" for t in batch["text"]), stats)
 
@@ -214,27 +257,36 @@ def non_empty(stories, stats: dict):
 
 def take_every(stories, fraction: float, want_val: bool, stats: dict):
     """Deterministic split: story i goes to validation when floor((i + 1) * f) > floor(i * f), an even spread
-    of exactly `fraction` of the stories."""
-    for i, story in enumerate(stories):
-        if (int((i + 1) * fraction) > int(i * fraction)) == want_val:
+    of exactly `fraction` of the stories. When that picks none of two or more stories (a corpus of fewer than
+    1 / f), the last story is held out, so a small corpus still has a validation split."""
+    stories = iter(stories)
+    story, i, any_val = next(stories, None), 0, False
+    while story is not None:
+        following = next(stories, None)  # one story of lookahead tells which one is last
+        is_val = int((i + 1) * fraction) > int(i * fraction) or (following is None and not any_val and i > 0)
+        any_val |= is_val
+        if is_val == want_val:
             stats["stories"] = stats.get("stories", 0) + 1
             yield story
+        story, i = following, i + 1
 
 
 def split_sources(data: str, val_data: str | None, val_fraction: float) -> dict:
     """split name -> (a description of its source for the cache key, stats -> stream of its stories)."""
     files = resolve_files(data)
     if files is None:  # a hub dataset: its own train and validation splits
+        check_hub_reachable(data)
         return {split: (f"hub:{data}:{hub_split}", lambda stats, s=hub_split: hub_stories(data, s, stats))
                 for split, hub_split in (("train", "train"), ("val", "validation"))}
     if val_data is not None:
         val_files = resolve_files(val_data)
         if val_files is None:
-            raise ValueError("val_data must be local files when data is local")
+            raise ValueError("data.val_dataset (dataload.py --val_data) must name local files when data.dataset does")
         return {"train": (files_digest(files), lambda stats: non_empty(read_stories(files), stats)),
                 "val": (files_digest(val_files), lambda stats: non_empty(read_stories(val_files), stats))}
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1) when no val_data is given, got {val_fraction}")
+        raise ValueError(f"data.val_fraction (dataload.py --val_fraction) must be in (0, 1) when no validation files "
+                         f"are given, got {val_fraction}")
     key = f"{files_digest(files)}:val_fraction={val_fraction}"
     # Empty stories are dropped before the split, so both splits see the same story numbering.
     return {split: (key, lambda stats, v=(split == "val"): take_every(non_empty(read_stories(files), {}), val_fraction, v,
@@ -380,19 +432,55 @@ def open_cache(path: str, vocab_size: int) -> np.memmap:
 
 
 def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir: str = "data",
-                 val_data: str | None = None, val_fraction: float = 0.01, log=print):
+                 val_data: str | None = None, val_fraction: float = 0.01, log=print, tokenizer=None):
     """Build or reuse the tokenizer and the train/val token caches under out_dir.
 
     Returns (tokenizer, {"train": memmap, "val": memmap}, report). Caches are keyed by a hash of the source
     data and the tokenizer, so a changed corpus or vocabulary rebuilds and an unchanged one is reused at once.
+    A given `tokenizer` (a resumed run's) is used as it is, whatever vocab_size says. A failure leaves no folder
+    that this call created.
     """
     sources = split_sources(data, val_data, val_fraction)
     files = resolve_files(data)
+    for path in files or ():
+        note_single_story(path, log)
     # Worker processes take a second or so to start: worth it only for corpora larger than a few MB.
     big = files is None or sum(os.path.getsize(f) for f in files) > PARALLEL_BYTES
     workers = os.cpu_count() or 1 if big else 1
+    created = outermost_new_folder(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log)
+    try:
+        return build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def outermost_new_folder(path: str) -> str | None:
+    """The first folder os.makedirs(path) would create, or None when path exists."""
+    path, created = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, created = os.path.dirname(path), path
+    return created
+
+
+def note_single_story(path: str, log):
+    """Say so when a .txt file has no <|endoftext|> in its first MB: it would be read as a single story."""
+    if path.endswith(".txt"):
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        if EOT.encode() not in head:
+            log(f"note: {path} has no {EOT} line" + (" in its first MB" if len(head) == 1 << 20 else "") +
+                f", so it is read as one story; TinyStories files end every story with a {EOT} line")
+
+
+def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=None):
+    """prepare_data's work, inside the folder it made."""
+    if tokenizer is None:
+        tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log)
+    else:
+        report = {"vocab_size": len(tokenizer)}
     tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     splits = {}
     for split, (source_key, stories) in sources.items():
@@ -409,8 +497,9 @@ def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir:
                     "source": source_key, "vocab_size": len(tokenizer)}
             if meta["stories"] == 0:
                 os.remove(path)
-                raise ValueError(f"the {split} split of {data!r} has no stories" +
-                                 ("; lower val_fraction's denominator or pass val_data" if split == "val" else ""))
+                hint = ("; it needs at least two stories separated by <|endoftext|> lines, or set data.val_dataset "
+                        "(dataload.py --val_data) to validation files") if split == "val" else ""
+                raise ValueError(f"the {split} split of {data!r} has no stories{hint}")
             write_json(meta_path, meta)
             log(f"{split}: wrote {path} ({n:,} tokens, {meta['stories']:,} stories)")
         report[f"{split}_tokens"], report[f"{split}_stories"] = meta["tokens"], meta["stories"]

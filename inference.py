@@ -1,12 +1,11 @@
 """Sample stories from a TinyLM checkpoint or Hugging Face GPT-Neo weights.
 
-    python inference.py                                   # newest checkpoint under out/, else TinyStories-1M
+    python inference.py                                   # best/ of the newest run under out/, else TinyStories-1M
     python inference.py --model roneneldan/TinyStories-1M --prompt "Once upon a time" --temperature 0
     python inference.py --model out/tiny_lm_1M/best --max_new_tokens 200 --temperature 0.8 --top_k 50
 """
 
 import argparse
-import glob
 import math
 import os
 import sys
@@ -15,9 +14,9 @@ import time
 import numpy as np
 import torch
 
+from checkpoint import newest_model
 from dataload import encode_batches, iter_eval_batches, load_tokenizer, non_empty, read_stories
-from model import GPTNeo, check_sampling_args, resolve_pretrained
-from native import native_decode_step
+from model import DECODE_BACKENDS, GPTNeo, check_sampling_args, resolve_pretrained
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"
@@ -25,10 +24,10 @@ CHECKPOINT_ROOT = "out"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample stories from a TinyLM or Hugging Face GPT-Neo model.")
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: newest checkpoint under "
-                   f"{CHECKPOINT_ROOT}/, else {DEFAULT_HUB_MODEL})")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: best/ of the newest "
+                   f"finished run under {CHECKPOINT_ROOT}/, else {DEFAULT_HUB_MODEL})")
     p.add_argument("--prompt", default="Once upon a time", help="text the story starts with")
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--max_new_tokens", type=int, default=200, help="at most; lowered to fit the model's context")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens (0: no limit)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set holding this mass")
@@ -36,10 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--no_stream", action="store_true", help="print each story when it is finished")
-    p.add_argument("--compile", action="store_true", help="torch.compile the per-token step: faster for long or "
-                   "many samples, after a compile of ten seconds or more (on CPU it needs a C++ compiler)")
-    p.add_argument("--native", action="store_true", help="run the per-token step in C (decode.c, built with the "
-                   "system's C compiler in about a second): the fastest sampling on CPU, fp32 models only")
+    p.add_argument("--backend", choices=DECODE_BACKENDS, default="auto", help="the per-token step: native (C, "
+                   "decode.c: the fastest on CPU, fp32), compile (torch.compile), eager (PyTorch); auto (default): "
+                   "native where it runs, else eager. All give the same tokens")
+    p.add_argument("--compile", action="store_true", help="--backend compile: faster on GPUs, after a compile of "
+                   "ten seconds or more (on CPU it needs a C++ compiler)")
+    p.add_argument("--native", action="store_true", help="--backend native, and an error where it cannot run")
     p.add_argument("--eval_file", default=None, help="instead of sampling, score this text file (stories separated "
                    "by <|endoftext|>): loss in nats/token, perplexity and bits per UTF-8 byte")
     p.add_argument("--block_size", type=int, default=512, help="context of each scored piece with --eval_file "
@@ -48,18 +49,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def newest_checkpoint(root: str = CHECKPOINT_ROOT) -> str | None:
-    """The most recently written checkpoint folder (one holding config.json) under root."""
-    configs = glob.glob(os.path.join(root, "**", "config.json"), recursive=True)
-    return os.path.dirname(max(configs, key=os.path.getmtime)) if configs else None
-
-
 def resolve_model(name: str | None) -> str:
-    """--model as given; without it the newest local checkpoint, else the released TinyStories-1M."""
+    """--model as given; without it best/ of the newest run under out/ (saying which), else TinyStories-1M."""
     if name is not None:
         return name
-    local = newest_checkpoint()
+    local, why = newest_model(CHECKPOINT_ROOT)
     if local is not None:
+        print(f"# --model not given: sampling from {local}, {why} under {CHECKPOINT_ROOT}/", file=sys.stderr)
         return local
     try:
         return resolve_pretrained(DEFAULT_HUB_MODEL)
@@ -69,12 +65,27 @@ def resolve_model(name: str | None) -> str:
                          "--model PATH_OR_HUB_ID") from None
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+def pick_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device `name` asks for ("auto": cuda, else mps, else cpu); ValueError naming `flag` when it is
+    not a device or this machine lacks it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {name!r} is not a device TinyLM runs on; use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"{flag} {name}: {build}; use {flag} cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {name}: Apple's MPS is not available here; use {flag} cpu (or auto)")
+    return device
 
 
 def load_model_and_tokenizer(name_or_path: str, device):
@@ -126,14 +137,17 @@ def encode_prompt(tokenizer, prompt: str, device):
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def stream_story(model, tokenizer, idx, args, out=sys.stdout, step=None) -> list[int]:
-    """Print the prompt and then the story as its tokens arrive; return all token ids. `step`: see GPTNeo.generate."""
+def stream_story(model, tokenizer, idx, args, out=sys.stdout, step=None, backend="auto") -> tuple[list[int], list]:
+    """Print the prompt and then the story as its tokens arrive; return all token ids and the time each new one
+    arrived. `step`, `backend`: see GPTNeo.generate."""
     ids = idx[0].tolist()
     printed = tokenizer.decode(ids, skip_special_tokens=True)
     out.write(printed)
     top_k = args.top_k or None
+    arrived = [time.perf_counter()]
     for token in model.generate_stream(idx, args.max_new_tokens, args.temperature, top_k, args.top_p,
-                                       eos_token_id=tokenizer.eos_token_id, compile=args.compile, step=step):
+                                       eos_token_id=tokenizer.eos_token_id, step=step, backend=backend):
+        arrived.append(time.perf_counter())
         ids.append(token.item())
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if not args.no_stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -142,25 +156,47 @@ def stream_story(model, tokenizer, idx, args, out=sys.stdout, step=None) -> list
             printed = text
     out.write(tokenizer.decode(ids, skip_special_tokens=True)[len(printed):] + "\n")
     out.flush()
-    return ids
+    return ids, arrived
+
+
+def speed_line(arrived: list, compiled: bool) -> str:
+    """'# N tokens, R tokens/s' from the arrival times (arrived[0]: the start). A compiled step compiles on its
+    first call, the second token: that time is reported apart and not counted in the rate."""
+    n = len(arrived) - 1
+    if not compiled or n < 3:
+        return f"# {n} tokens, {n / (arrived[-1] - arrived[0]):.0f} tokens/s"
+    rate = (n - 2) / (arrived[-1] - arrived[2])
+    return f"# {n} tokens, {rate:.0f} tokens/s after the first step, which compiled in {arrived[2] - arrived[1]:.1f} s"
+
+
+def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """max_new_tokens lowered (with a note) so the story fits the model's context; a prompt that leaves no room is
+    an error that states the limit."""
+    if prompt_tokens >= context:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens and the model's context is {context} "
+                         f"(max_position_embeddings): shorten the prompt to at most {context - 1} tokens")
+    if max_new_tokens > context - prompt_tokens:
+        print(f"# note: --max_new_tokens {max_new_tokens} lowered to {context - prompt_tokens}: the prompt is "
+              f"{prompt_tokens} tokens and the model's context {context}", file=sys.stderr)
+    return min(max_new_tokens, context - prompt_tokens)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_sampling_args(args.temperature, args.top_k or None, args.top_p)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        raise SystemExit("--max_new_tokens must be >= 0 and --num_samples >= 1")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    name = resolve_model(args.model)
-    try:
+        if args.max_new_tokens < 0 or args.num_samples < 1:
+            raise ValueError("--max_new_tokens must be >= 0 and --num_samples >= 1")
+        if args.native and args.compile:
+            raise ValueError("--native and --compile are two backends; pass one (or --backend)")
+        backend = "native" if args.native else "compile" if args.compile else args.backend
+        device = pick_device(args.device)
+        name = resolve_model(args.model)
         model, tokenizer = load_model_and_tokenizer(name, device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     if args.eval_file is not None:
         try:
             r = evaluate_file(model, tokenizer, args.eval_file, args.batch_size, args.block_size, device)
@@ -170,24 +206,21 @@ def main(argv=None):
               f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} bits/byte")
         return
     idx = encode_prompt(tokenizer, args.prompt, device)
-    room = model.config.max_position_embeddings - idx.size(1)
-    if args.max_new_tokens > room:
-        raise SystemExit(f"--max_new_tokens {args.max_new_tokens} does not fit: the prompt has {idx.size(1)} tokens "
-                         f"and the model's context is {model.config.max_position_embeddings}; use at most {room}")
-    step = None
-    if args.native:
-        try:
-            step = native_decode_step(model)
-        except (RuntimeError, ValueError) as e:
-            raise SystemExit(f"error: --native: {e}") from None
-    print(f"# {name}: {model.num_params() / 1e6:.2f}M parameters on {device}", file=sys.stderr)
+    try:
+        args.max_new_tokens = fit_to_context(idx.size(1), args.max_new_tokens, model.config.max_position_embeddings)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        backend = model.choose_backend(backend, batch_size=1)
+        step = model.per_token_step(backend, device) if backend == "native" else None  # built once, errors here
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: --backend {backend}: {e}") from None
+    print(f"# {name}: {model.num_params() / 1e6:.2f}M parameters on {device}, {backend} decoding", file=sys.stderr)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        t0 = time.perf_counter()
-        ids = stream_story(model, tokenizer, idx, args, step=step)
-        n_new = len(ids) - idx.size(1)
-        print(f"# {n_new} tokens, {n_new / (time.perf_counter() - t0):.0f} tokens/s", file=sys.stderr)
+        ids, arrived = stream_story(model, tokenizer, idx, args, step=step, backend=backend)
+        print(speed_line(arrived, compiled=backend == "compile" and i == 0), file=sys.stderr)
 
 
 if __name__ == "__main__":

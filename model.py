@@ -16,6 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTENTION_TYPES = ("global", "local", "mixed")
+DECODE_BACKENDS = ("auto", "native", "compile", "eager")  # see GPTNeo.choose_backend
+# decode.c computes one batch row after another, re-reading the weights for each: measured against the eager
+# step's batched matmuls on 2 cores it wins up to about this many rows x width (TinyStories-1M: 12 rows)
+NATIVE_MAX_ROWS_X_WIDTH = 768
 CPU_QUERY_CHUNK = 64  # see SelfAttention._attend
 
 
@@ -394,22 +398,53 @@ class GPTNeo(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, compile: bool = False, step=None):
+                 generator: torch.Generator | None = None, compile: bool = False, step=None, backend: str = "auto"):
         """Return idx (B, T) with up to max_new_tokens sampled tokens appended.
 
         temperature 0 is greedy. Sampling draws from torch's global RNG, or from `generator`. Rows that
-        reach eos_token_id are padded with it; generation stops early once every row has. compile=True runs
-        the per-token step through torch.compile: the first call pays for compiling, later ones run faster.
+        reach eos_token_id are padded with it; generation stops early once every row has. `backend` picks the
+        per-token step (see choose_backend): by default the fastest that runs here, the same tokens either way.
+        compile=True is backend="compile": the first call pays for compiling, later ones run faster.
         `step` replaces the per-token step (decode_step's interface), e.g. native.native_decode_step(model).
         """
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                                        compile, step))
+                                        compile, step, backend))
         return torch.cat([idx, *new], dim=1)
+
+    def choose_backend(self, backend: str = "auto", batch_size: int = 1) -> str:
+        """The per-token step generate runs for `backend`: "native" (decode.c through native.py, the fastest on
+        CPU), "compile" (torch.compile), "eager" (plain PyTorch, any device and dtype). "auto" is "native" where
+        it runs and pays (CPU, fp32, no dropout in use, batch x width <= NATIVE_MAX_ROWS_X_WIDTH, a C compiler
+        to build it), else "eager"."""
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
+        if backend != "auto":
+            return backend
+        weight = self.wte.weight
+        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or (self.training and self.config.dropout)
+                or batch_size * self.config.n_embd > NATIVE_MAX_ROWS_X_WIDTH):
+            return "eager"
+        try:
+            from native import load_library  # builds decode.c once per process; the one file model.py runs
+
+            load_library()
+            return "native"
+        except (ImportError, RuntimeError):
+            return "eager"
+
+    def per_token_step(self, backend: str, device):
+        """The step function of a backend choose_backend named (decode_step's interface)."""
+        if backend == "native":
+            from native import native_decode_step
+
+            return native_decode_step(self)
+        return self._compiled_decode_step(device) if backend == "compile" else self.decode_step
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None,
-                        generator: torch.Generator | None = None, compile: bool = False, step=None):
+                        generator: torch.Generator | None = None, compile: bool = False, step=None,
+                        backend: str = "auto"):
         """Yield the next tokens (B, 1) one step at a time, as `generate` appends them."""
         check_sampling_args(temperature, top_k, top_p)
         if max_new_tokens < 0:
@@ -417,6 +452,7 @@ class GPTNeo(nn.Module):
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}")
         B, T = idx.size()
+        backend = self.choose_backend("compile" if compile else backend, B) if step is None else "step"
         limit = self.config.max_position_embeddings
         if T + max_new_tokens > limit:
             raise ValueError(f"cannot generate {max_new_tokens} tokens after a {T}-token prompt: the model's "
@@ -426,8 +462,8 @@ class GPTNeo(nn.Module):
             return
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
         logits = F.linear(self.hidden_states(idx, cache)[:, -1], self.wte.weight)  # (B, vocab)
-        compiled = step is None and compile
-        step = step or (self._compiled_decode_step(idx.device) if compile else self.decode_step)
+        compiled = backend == "compile"
+        step = step or self.per_token_step(backend, idx.device)
         pos = torch.tensor([T], device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
@@ -454,8 +490,14 @@ class GPTNeo(nn.Module):
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{folder} has no config.json; point at a TinyLM checkpoint or a "
                                     "Hugging Face GPT-Neo model folder")
-        with open(config_file) as f:
-            config = GPTNeoConfig.from_hf_dict(json.load(f))
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                hf_config = json.load(f)
+            config = GPTNeoConfig.from_hf_dict(hf_config)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            detail = f"it lacks {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{config_file} cannot be read ({detail}): the checkpoint is damaged or not a GPT-Neo "
+                             "model; save or download it again") from None
         model = cls(config)
         model.load_state_dict(hf_to_tinylm_state_dict(read_weights(folder), config), strict=True)
         return model.eval()

@@ -35,14 +35,23 @@ class _Model(ctypes.Structure):
                 + [("scratch", ctypes.c_void_p)])
 
 
-@functools.cache
 def load_library() -> ctypes.CDLL:
-    """decode.c compiled and loaded, once per process."""
+    """decode.c compiled and loaded, once per process; a build that failed raises the same RuntimeError again
+    without trying again (generate's default backend asks on every call)."""
+    library, error = build_library()
+    if error is not None:
+        raise RuntimeError(error)
+    return library
+
+
+@functools.cache
+def build_library() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the loaded library, None), or (None, why it could not be built)."""
     wanted = os.environ.get("CC")
     cc = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        raise RuntimeError(f"native decoding compiles decode.c and found no C compiler "
-                           f"({'$CC=' + wanted if wanted else 'cc, gcc or clang'}); install one, or generate without it")
+        return None, (f"native decoding compiles decode.c and found no C compiler "
+                      f"({'$CC=' + wanted if wanted else 'cc, gcc or clang'}); install one, or generate without it")
     folder = tempfile.mkdtemp(prefix="tinylm-native-")
     try:
         path, errors = os.path.join(folder, "decode.so"), ""
@@ -58,13 +67,13 @@ def load_library() -> ctypes.CDLL:
                 except OSError as e:  # e.g. a vector function this glibc lacks: a shared library links anyway
                     errors = str(e)
         else:
-            raise RuntimeError(f"compiling {SOURCE} with {cc} failed:\n{errors}")
+            return None, f"compiling {SOURCE} with {cc} failed:\n{errors}"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     library.tinylm_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_longlong,
                                            ctypes.c_void_p]
     library.tinylm_decode_step.restype = None
-    return library
+    return library, None
 
 
 def native_decode_step(model):

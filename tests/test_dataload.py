@@ -51,7 +51,11 @@ def test_gpt_neo_tokenizer_is_complete_and_lossless(tmp_path, full):
     full.save_pretrained(str(tmp_path))
     again = load_tokenizer(str(tmp_path))
     assert len(again) == 50257 and again.encode(ODD_TEXTS[0]) == full.encode(ODD_TEXTS[0])
+    (tmp_path / "no-tokenizer-here").mkdir()  # a Hugging Face folder without tokenizer files: GPT-Neo's applies
     assert len(load_tokenizer(str(tmp_path / "no-tokenizer-here"))) == 50257
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut off mid-write
+    with pytest.raises(ValueError, match=rf"could not read {tmp_path / 'tokenizer.json'} .*damaged"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_trimmed_tokenizer_is_lossless_compact_and_reloadable(tmp_path, full, trimmed):
@@ -149,9 +153,10 @@ def test_bad_requests_fail_clearly(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"story": "no text field"}\n')
     with pytest.raises(ValueError, match="line 1.*'text'"):
         prepare_data(str(tmp_path / "rows.jsonl"), 50257, str(tmp_path / "out"))
-    write_txt(tmp_path / "few.txt", make_stories(3))
-    with pytest.raises(ValueError, match="val split .* has no stories"):
-        prepare_data(str(tmp_path / "few.txt"), 50257, str(tmp_path / "out"), val_fraction=0.1)
+    write_txt(tmp_path / "one.txt", make_stories(1))
+    with pytest.raises(ValueError, match="val split .* has no stories; it needs at least two stories .*data.val_dataset"):
+        prepare_data(str(tmp_path / "one.txt"), 50257, str(tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()  # a failed build leaves no folder behind
     with pytest.raises(ConnectionError, match="hub dataset"):  # HF_HUB_OFFLINE=1 in conftest
         prepare_data("roneneldan/TinyStories", 50257, str(tmp_path / "out"))
 
@@ -191,3 +196,20 @@ def test_piece_cache_encoding_equals_plain_tokenizer(full, trimmed):
         for workers in (1, 2):
             got = np.concatenate(list(encode_batches(tokenizer, texts, batch_size=7, workers=workers)))
             assert got.tolist() == want, (tokenizer is full, workers)
+
+
+def test_a_small_corpus_still_holds_out_a_story(tmp_path):
+    # 17 stories at the default val_fraction 0.01 would give no validation story: the last one is held out
+    write_txt(tmp_path / "s.txt", make_stories(17))
+    _, splits, report = prepare_data(str(tmp_path / "s.txt"), 50257, str(tmp_path / "out"), log=lambda *a: None)
+    assert (report["train_stories"], report["val_stories"]) == (16, 1)
+    from dataload import main as dataload_main
+    assert dataload_main(["--data", str(tmp_path / "s.txt"), "--out", str(tmp_path / "cli")]) is None
+
+
+def test_a_txt_file_without_separators_is_named_as_one_story(tmp_path):
+    (tmp_path / "plain.txt").write_text("Once upon a time there was a cat.\n\nThe end.\n" * 20)
+    said = []
+    with pytest.raises(ValueError, match="at least two stories"):
+        prepare_data(str(tmp_path / "plain.txt"), 50257, str(tmp_path / "out"), log=said.append)
+    assert any(f"{tmp_path / 'plain.txt'} has no {EOT} line, so it is read as one story" in s for s in said)

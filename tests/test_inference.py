@@ -9,7 +9,8 @@ import torch
 from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
-from inference import encode_prompt, load_model_and_tokenizer, newest_checkpoint
+from checkpoint import newest_model
+from inference import encode_prompt, load_model_and_tokenizer
 from model import GPTNeo, GPTNeoConfig
 from test_model import sharpen_
 
@@ -35,12 +36,13 @@ def run_cli(*args, cwd=ROOT):
                           timeout=120)
 
 
-def test_greedy_matches_transformers_token_for_token_past_the_window(tinystories_1m_folder):
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_greedy_matches_transformers_token_for_token_past_the_window(tinystories_1m_folder, backend):
     folder, hf = tinystories_1m_folder
     model, tokenizer = load_model_and_tokenizer(folder, torch.device("cpu"))
     idx = encode_prompt(tokenizer, "Once upon a time there was a little fox", "cpu")
     n = 300  # the prompt plus 300 tokens runs well past the 256-token window of the local layers
-    ours = model.generate(idx, n, temperature=0)
+    ours = model.generate(idx, n, temperature=0, backend=backend)
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
                       do_sample=False, pad_token_id=50256)
     assert ours.size(1) == idx.size(1) + n
@@ -81,7 +83,7 @@ def test_no_arguments_uses_newest_checkpoint_else_says_what_to_do(tmp_path):
         GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(
             str(tmp_path / "out" / name))
     os.utime(tmp_path / "out" / "old" / "config.json", (1, 1))
-    assert newest_checkpoint(str(tmp_path / "out")) == str(tmp_path / "out" / "new")
+    assert newest_model(str(tmp_path / "out"))[0] == str(tmp_path / "out" / "new")
     r = run_cli("--max_new_tokens", "5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time") and os.path.join("out", "new") in r.stderr
@@ -90,8 +92,25 @@ def test_no_arguments_uses_newest_checkpoint_else_says_what_to_do(tmp_path):
 def test_cli_rejects_bad_requests(tmp_path):
     folder = tmp_path / "tiny"
     GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(str(folder))
-    r = run_cli("--model", str(folder), "--max_new_tokens", "100")
-    assert r.returncode != 0 and "context is 32" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--model", str(folder), "--max_new_tokens", "100", "--temperature", "0")  # more than fits: lowered
+    assert r.returncode == 0 and "--max_new_tokens 100 lowered to 28: the prompt is 4 tokens" in r.stderr
+    assert "# 28 tokens" in r.stderr
+    r = run_cli("--model", str(folder), "--prompt", "Once upon a time" * 10)  # 40 tokens: longer than the context
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "error: the prompt is 40 tokens and the model's context is 32 (max_position_embeddings): shorten the prompt to " \
+           "at most 31 tokens" in r.stderr
+    for device, message in [("foo", "--device 'foo' is not a device TinyLM runs on; use cpu, cuda"),
+                            ("cuda:7", "--device cuda:7: "), ("mps", "--device mps: ")]:
+        if device.startswith("cuda") and torch.cuda.device_count() > 7 or device == "mps" and \
+                torch.backends.mps.is_available():
+            continue
+        r = run_cli("--model", str(folder), "--device", device)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    (folder / "config.json").write_text('{"model_type": "gpt_neo",\x01')  # damaged
+    r = run_cli("--model", str(folder))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{folder / 'config.json'} cannot be read" in r.stderr and "damaged" in r.stderr
     r = run_cli("--model", str(folder), "--temperature", "-1")
     assert r.returncode != 0 and "temperature must be >= 0" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--model", str(tmp_path / "missing"))
@@ -131,3 +150,67 @@ def test_sharded_evaluation_adds_up_to_the_whole():
     parts = [evaluate_loss(model, tokens, batch_size=2, block_size=32, shard=(r, 3)) for r in range(3)]
     assert n == 999 and sum(c for _, c in parts) == n and all(c > 0 for _, c in parts)
     assert sum(loss * c for loss, c in parts) / n == pytest.approx(whole, rel=1e-6)
+
+
+def test_readme_python_snippet_runs_verbatim_on_a_trained_folder(tmp_path):
+    # the snippet under "Using the model from Python", with only its example path replaced by a trained model
+    from test_train import train_config
+    from train import main as train_main
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    snippet = readme.split("### Using the model from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"out/quickstart/best"' in snippet
+    config = train_config(tmp_path, max_steps=2, eval_interval=2)
+    assert train_main(["--config", config, "--set", "model.max_position_embeddings=128"]) == 0
+    best = str(tmp_path / "out" / "best")
+    done = subprocess.run([sys.executable, "-c", snippet.replace('"out/quickstart/best"', repr(best))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Once upon a time") and len(done.stdout) > len("Once upon a time") + 20
+
+
+def test_generation_takes_the_fastest_exact_backend_by_default(tinystories_1m_folder, monkeypatch):
+    pytest.importorskip("native")
+    from native import load_library
+    try:
+        load_library()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    model = GPTNeo.from_pretrained(tinystories_1m_folder[0])
+    assert model.choose_backend() == "native" and model.choose_backend(batch_size=12) == "native"
+    assert model.choose_backend(batch_size=13) == "eager"  # batched matmuls win for wide batches
+    assert GPTNeo(GPTNeoConfig(n_embd=768, n_layer=1)).choose_backend(batch_size=2) == "eager"
+    assert model.double().choose_backend() == "eager" and model.float().choose_backend("compile") == "compile"
+    dropout = GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.1))
+    assert dropout.train().choose_backend() == "eager" and dropout.eval().choose_backend() == "native"
+    with pytest.raises(ValueError, match="backend must be one of auto, native, compile, eager"):
+        model.choose_backend("fast")
+    import native
+    built, real = [], native.native_decode_step
+    monkeypatch.setattr(native, "native_decode_step", lambda m: built.append(m) or real(m))
+    idx = torch.tensor([[7454, 2402, 257, 640]])
+    assert torch.equal(model.generate(idx, 20, temperature=0), model.generate(idx, 20, temperature=0, backend="eager"))
+    assert len(built) == 1  # the default ran decode.c, and gave the eager tokens
+
+
+def test_cli_says_which_backend_it_runs_and_falls_back_quietly(tinystories_1m_folder):
+    folder = tinystories_1m_folder[0]
+    args = ("--model", folder, "--max_new_tokens", "5", "--temperature", "0")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    if "native decoding" not in r.stderr:
+        pytest.skip("decode.c does not build here")
+    env = {"CC": "/nonexistent/cc"}  # no C compiler: the default quietly runs PyTorch, --native says why not
+    fallback = subprocess.run([sys.executable, INFERENCE, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+    assert fallback.returncode == 0 and "eager decoding" in fallback.stderr and fallback.stdout == r.stdout
+    refused = subprocess.run([sys.executable, INFERENCE, *args, "--native"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, **env})
+    assert refused.returncode != 0 and "no C compiler" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_speed_line_leaves_out_the_compile():
+    from inference import speed_line
+    arrived = [0.0, 0.1, 10.1, 10.2, 10.3, 10.4]  # prefill 0.1 s, the first (compiling) step 10 s, then 0.1 s each
+    assert speed_line(arrived, compiled=False) == "# 5 tokens, 0 tokens/s"
+    assert speed_line(arrived, compiled=True) == \
+        "# 5 tokens, 10 tokens/s after the first step, which compiled in 10.0 s"

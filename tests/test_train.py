@@ -1,79 +1,22 @@
-"""train.py: INI configs map onto the dataclasses with types checked and unknown keys rejected."""
+"""train.py: the training loop, checkpoints, exact resume, and what a run does when it stops, is interrupted or
+meets a folder that already holds a run."""
 
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from transformers import GPTNeoConfig as HFConfig
+import torch
 from transformers import GPTNeoForCausalLM
 
 from model import GPTNeo
-import torch
-
-from train import load_config
 from train import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name -> (n_embd, n_layer) of the released TinyStories models
-FAMILY = {"1M": (64, 8), "3M": (128, 8), "8M": (256, 8), "28M": (512, 8), "33M": (768, 4)}
-
-
-@pytest.mark.parametrize("name", FAMILY)
-def test_tinystories_family_configs(name):
-    m = load_config(os.path.join(ROOT, "config", f"tinystories_{name}.config"))["model"]
-    assert (m.n_embd, m.n_layer) == FAMILY[name]
-    assert (m.vocab_size, m.max_position_embeddings, m.n_head, m.window_size) == (50257, 2048, 16, 256)
-    assert m.attention_types == ("global", "local") * (m.n_layer // 2)
-
-
-def test_every_shipped_config_builds_a_model():
-    files = glob.glob(os.path.join(ROOT, "config", "*.config"))
-    assert any(f.endswith("tiny_lm_1M.config") for f in files)
-    for path in files:
-        config = load_config(path)["model"]
-        assert config.gpt_neo_compatible, path
-    model = GPTNeo(load_config(os.path.join(ROOT, "config", "tinystories_1M.config"))["model"])
-    hf = GPTNeoForCausalLM(HFConfig(hidden_size=64, num_layers=8, num_heads=16, attention_types=[[["global", "local"], 4]]))
-    assert model.num_params() == hf.num_parameters() == 3_745_984  # the tied LM head counts once
-
-
-def write(tmp_path, text):
-    path = tmp_path / "x.config"
-    path.write_text(text)
-    return str(path)
-
-
-def test_types_overrides_and_both_head_forms(tmp_path):
-    path = write(tmp_path, "[model]\nn_layer = 4  # inline comments are fine\nn_head = 4\nn_embd = 32\n"
-                           "local_heads = 0,4,2,1\nintermediate_size = none\ndropout = 0.1\n")
-    m = load_config(path)["model"]
-    assert m.local_heads == (0, 4, 2, 1) and m.attention_types == ("global", "local", "mixed", "mixed")
-    assert m.intermediate_size is None and m.dropout == 0.1
-    m = load_config(path, ["model.local_heads=2", "model.n_layer=2"])["model"]
-    assert m.local_heads == (2, 2) and m.n_layer == 2
-
-
-@pytest.mark.parametrize("text, overrides, message", [
-    ("[model]\nn_embed = 64\n", [], "unknown key.*n_embed"),
-    ("[model]\nn_layer = eight\n", [], "n_layer = 'eight' is not a valid int"),
-    ("[model]\ndropout = lots\n", [], "dropout"),
-    ("[modle]\nn_layer = 2\n", [], r"unknown section.*\[modle\]"),
-    ("[model]\nn_head = 5\n", [], "divisible"),
-    ("[model]\n", ["n_layer=3"], "section.key=value"),
-    ("[model]\n", ["model.windowsize=3"], "unknown key.*windowsize"),
-    ("[model]\nattention_types = global,local\n", ["model.local_heads=8"], "attention_types = none"),
-])
-def test_bad_configs_name_the_problem(tmp_path, text, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        load_config(write(tmp_path, text), overrides)
-
-
-def test_missing_config_file(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        load_config(str(tmp_path / "nope.config"))
 
 
 # ---- the training loop, on a corpus the tests write ----
@@ -89,7 +32,9 @@ def train_config(tmp_path, **train):
             "window_size = 8\n[data]\ndataset = {data}\nval_fraction = 0.1\nblock_size = 32\ncache_dir = {cache}\n"
             "[train]\n").format(data=data, cache=tmp_path / "cache")
     text += "".join(f"{k} = {v}\n" for k, v in settings.items())
-    return write(tmp_path, text)
+    path = tmp_path / "x.config"
+    path.write_text(text)
+    return str(path)
 
 
 def read_metrics(tmp_path):
@@ -207,9 +152,164 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
                 loss = loss * float("nan")
         return logits, loss
     monkeypatch.setattr(GPTNeo, "forward", poisoned)
-    assert train_main(["--config", train_config(tmp_path)]) == 0
+    assert train_main(["--config", train_config(tmp_path)]) == 1  # scripts and CI see the failure
     stop = read_metrics(tmp_path)[-1]["stop"]
     assert stop.startswith("loss became nan at step 13") and "last good checkpoint" in stop
     saved = torch.load(tmp_path / "out" / "last" / "train_state.pt", weights_only=True)
     assert saved["state"]["step"] == 10  # the evaluation at step 10 saved it; nothing after the NaN did
     assert GPTNeo.from_pretrained(str(tmp_path / "out" / "last")).wte.weight.isfinite().all()
+
+
+# ---- stops, interrupts and reused folders: nothing lost, nothing confusing ----
+
+def saved_state(tmp_path, name):
+    return json.loads((tmp_path / "out" / name / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("limit", [{"max_tokens": 13 * 8 * 32}, {"max_minutes": 0.02, "eval_interval": 1000}])
+def test_a_limit_evaluates_the_final_model_before_it_stops(tmp_path, limit):
+    # stopped between two evaluations: the final weights are scored, and best/ holds them when they are better
+    assert train_main(["--config", train_config(tmp_path, **{"max_steps": 1000, **limit})]) == 0
+    metrics = read_metrics(tmp_path)
+    stop_step = metrics[-1]["step"]
+    assert metrics[-1]["stop"].startswith(next(iter(limit))) and 0 < stop_step < 1000
+    vals = [m for m in metrics if "val_loss" in m]
+    assert vals[-1]["step"] == stop_step and vals[-1]["val_loss"] < vals[0]["val_loss"]
+    assert saved_state(tmp_path, "best")["step"] == saved_state(tmp_path, "last")["step"] == stop_step
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_unless_overwrite(tmp_path, capsys):
+    config = train_config(tmp_path, max_steps=4, eval_interval=2)
+    assert train_main(["--config", config]) == 0
+    best = (tmp_path / "out" / "best" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"already holds a training run \(best, last, metrics.jsonl, loss.png\): "
+                                         r"continue it with --resume, .*--set train.out_dir=NEW_DIR.*--overwrite"):
+        train_main(["--config", config, "--set", "train.lr=0.1"])
+    assert (tmp_path / "out" / "best" / "model.safetensors").read_bytes() == best
+    assert train_main(["--config", config, "--set", "train.max_steps=2", "--overwrite"]) == 0
+    metrics = read_metrics(tmp_path)
+    assert [m["stop"] for m in metrics if "stop" in m] == ["max_steps reached"] and metrics[-1]["step"] == 2
+    with pytest.raises(SystemExit, match="pass one of them"):
+        train_main(["--config", config, "--resume", "--overwrite"])
+
+
+def test_resume_keeps_the_checkpoints_tokenizer_and_refuses_another_model_shape(tmp_path, capsys):
+    from test_dataload import write_txt
+    config = train_config(tmp_path, max_steps=4, eval_interval=2)
+    assert train_main(["--config", config]) == 0
+    tokenizer = (tmp_path / "out" / "last" / "tokenizer.json").read_text()
+    other = tmp_path / "other.txt"  # other words: a tokenizer built from them would differ
+    write_txt(other, [f"Zed the zebra zigzagged {i} times in a quiet zoo at night." for i in range(200)])
+    capsys.readouterr()
+    assert train_main(["--config", config, "--resume", "--set", "train.max_steps=6",
+                       "--set", f"data.dataset={other}"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: resuming with data.dataset = {other}" in out and "tokenizer: wrote" not in out
+    assert (tmp_path / "out" / "last" / "tokenizer.json").read_text() == tokenizer
+    assert saved_state(tmp_path, "last")["step"] == 6
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", config, "--resume", "--set", "model.n_layer=1", "--set", "train.max_steps=8"])
+    message = str(e.value)
+    assert "\n" not in message and "model.n_layer=2" in message and "model.n_layer=1" in message
+    assert "local_heads" not in message  # keys derived from n_layer are not reported as changed by the user
+    with pytest.raises(SystemExit, match="data.tokenizer=trimmed.*data.tokenizer=gpt-neo"):
+        train_main(["--config", config, "--resume", "--set", "data.tokenizer=gpt-neo", "--set", "train.max_steps=8"])
+
+
+def test_resume_after_a_limit_says_which_limit_to_raise(tmp_path, capsys):
+    config = train_config(tmp_path, max_steps=1000, max_minutes=0.01, eval_interval=1000)
+    assert train_main(["--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "max_minutes reached" in out and "--set train.max_minutes=0.02" in out and "--resume" in out
+    assert "tokens/s" in out and f"sample: python inference.py --model {tmp_path / 'out' / 'best'}" in out
+    with pytest.raises(SystemExit, match=r"already trained .* minutes, its train.max_minutes = 0.01; .*"
+                                         r"--set train.max_minutes=0.02"):
+        train_main(["--config", config, "--resume"])
+    step = saved_state(tmp_path, "last")["step"]
+    assert train_main(["--config", config, "--resume", "--set", "train.max_minutes=0.02"]) == 0
+    assert saved_state(tmp_path, "last")["step"] > step
+
+
+def test_a_signal_stops_after_the_step_and_a_second_skips_the_final_evaluation(tmp_path, monkeypatch, capsys):
+    import train
+    evaluate, calls = train.evaluate_loss, {"eval": 0, "train": 0}
+
+    def evaluate_and_interrupt(*args, **kwargs):
+        calls["eval"] += 1
+        if calls["eval"] == 2:  # the final evaluation, after the first signal
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        return evaluate(*args, **kwargs)
+    forward = GPTNeo.forward
+
+    def forward_and_interrupt(self, idx, targets=None, kv_cache=None):
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, idx, targets, kv_cache)
+    monkeypatch.setattr(train, "evaluate_loss", evaluate_and_interrupt)
+    monkeypatch.setattr(GPTNeo, "forward", forward_and_interrupt)
+    handler = signal.getsignal(signal.SIGINT)
+    assert train_main(["--config", train_config(tmp_path, max_steps=1000, eval_interval=1000)]) == 128 + 15
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    out = capsys.readouterr().out
+    assert "SIGTERM: stopping after this step" in out and "saving without the evaluation" in out
+    assert "continue: python train.py" in out and "--resume" in out
+    last = saved_state(tmp_path, "last")
+    assert last["step"] == 7 and last["evaluated_step"] == 0  # the steps are kept, the evaluation was skipped
+    assert sorted(os.listdir(tmp_path / "out")) == ["best", "last", "loss.png", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_an_evaluated_resumable_checkpoint(tmp_path, sig):
+    config = train_config(tmp_path, max_steps=100000, eval_interval=100000)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", config], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    metrics_file = tmp_path / "out" / "metrics.jsonl"
+    while time.time() < deadline and (not metrics_file.exists() or len(read_metrics(tmp_path)) < 5):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig.value, err
+    assert "Traceback" not in err and f"stopped: interrupted by {sig.name}" in out
+    assert "continue: python train.py --config" in out and out.rstrip().endswith("--resume")
+    metrics = read_metrics(tmp_path)
+    trained = max(m["step"] for m in metrics if "loss" in m)
+    assert saved_state(tmp_path, "last")["step"] == trained == metrics[-1]["step"] > 0
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, trained]  # evaluated before it stopped
+    assert not glob.glob(str(tmp_path / "out" / "*.tmp")) and not glob.glob(str(tmp_path / "out" / "*.old"))
+    assert train_main(["--config", config, "--resume", "--set", f"train.max_steps={trained + 2}"]) == 0
+
+
+def test_block_size_and_device_are_checked_before_any_work(tmp_path):
+    config = train_config(tmp_path)
+    with pytest.raises(SystemExit, match=r"data.block_size = 100 is longer than the model's context, "
+                                         r"model.max_position_embeddings = 64"):
+        train_main(["--config", config, "--set", "data.block_size=100"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^error: train.device cuda: this PyTorch is a CPU-only build|"
+                                             r"^error: train.device cuda: no CUDA GPU"):
+            train_main(["--config", config, "--set", "train.device=cuda"])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_default_folders_are_git_ignored():
+    from config import DataConfig, TrainConfig
+    ignored = {line.strip().strip("/") for line in open(os.path.join(ROOT, ".gitignore"))}
+    assert DataConfig().cache_dir.split("/")[0] in ignored and TrainConfig().out_dir.split("/")[0] in ignored
+
+
+def test_offline_the_hub_dataset_fails_fast_and_leaves_nothing(tmp_path):
+    # the README's main command with the hub unreachable (a closed port), and with HF_HUB_OFFLINE=1
+    for env in ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}):
+        t0 = time.time()
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                               os.path.join(ROOT, "config", "tiny_lm_1M.config")], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+        assert done.returncode != 0 and time.time() - t0 < 20, done.stderr
+        assert "Traceback" not in done.stderr and "Retrying" not in done.stderr + done.stdout
+        assert "roneneldan/TinyStories" in done.stderr and "data.dataset" in done.stderr
+        assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()

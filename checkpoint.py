@@ -1,0 +1,207 @@
+"""Run folders: what a training run leaves in its out_dir, written whole or not at all, and which folder to load.
+
+    out_dir/best, out_dir/last   Hugging Face GPT-Neo folders + tokenizer.json, training_config.json,
+                                 train_state.pt (optimizer, RNG, step) and metrics.json (the same state, as JSON)
+    out_dir/metrics.jsonl        every logged loss; its last row has "stop" once the run has ended
+    out_dir/loss.png             the loss curves
+
+A checkpoint is written as `name.tmp` and swapped in through `name.old`, so a crash at any moment leaves either
+the old or the new folder complete; `recover` puts back whichever is whole. Folders named `*.tmp` or `*.old`
+are never loaded as models.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import shlex
+import shutil
+
+import torch
+
+from model import GPTNeo
+
+CHECKPOINTS = ("best", "last")
+RUN_FILES = ("metrics.jsonl", "loss.png")
+
+
+def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, config: dict):
+    """Write a complete checkpoint folder next to `folder`, then swap it in, so `folder` is always whole."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "training_config.json"), "w") as f:
+        json.dump(config_as_dict(config), f, indent=2)
+    torch.save({"optimizer": opt.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},
+               os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:  # the same state, for people and scripts
+        json.dump(state, f, indent=2)
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def config_as_dict(config: dict) -> dict:
+    """{section: {key: value}} of the config dataclasses, in plain JSON types (tuples become lists)."""
+    return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in config.items()}, default=list))
+
+
+def recover(folder: str):
+    """Undo what a crash inside save_checkpoint left: a missing `folder` comes back from `folder.old`, and
+    a half-written `folder.tmp` goes."""
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(folder + ".old", "train_state.pt")):
+        os.replace(folder + ".old", folder)
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    if os.path.isdir(folder):
+        shutil.rmtree(folder + ".old", ignore_errors=True)
+
+
+def holds_run(out_dir: str) -> list[str]:
+    """The names of the things a training run left in out_dir (empty when it holds none)."""
+    names = [n + suffix for n in CHECKPOINTS for suffix in ("", ".old", ".tmp")] + list(RUN_FILES)
+    return [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+
+
+def clear_run(out_dir: str):
+    """Delete a previous run's checkpoints and logs from out_dir (train.py --overwrite)."""
+    for name in holds_run(out_dir):
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def read_json(path: str, what: str) -> dict:
+    """A JSON file of a checkpoint; a damaged one is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the {what} is damaged; use another checkpoint") from None
+
+
+def read_resume_point(folder: str) -> tuple[dict, dict]:
+    """(training state, saved config sections) of a checkpoint folder, without loading any tensor."""
+    return (read_json(os.path.join(folder, "metrics.json"), "checkpoint"),
+            read_json(os.path.join(folder, "training_config.json"), "checkpoint"))
+
+
+def config_changes(saved: dict, config: dict) -> list[tuple[str, object, object]]:
+    """(section.key, saved value, new value) for every setting that differs from a checkpoint's."""
+    now = config_as_dict(config)
+    return [(f"{section}.{key}", saved.get(section, {}).get(key), value)
+            for section, values in now.items() for key, value in values.items()
+            if saved.get(section, {}).get(key, value) != value]
+
+
+def load_checkpoint(folder: str, model: GPTNeo, opt) -> dict:
+    """Restore weights, optimizer and RNG from a checkpoint folder; return the training state."""
+    model.load_state_dict(GPTNeo.from_pretrained(folder).state_dict(), strict=True)
+    path = os.path.join(folder, "train_state.pt")
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read {path} ({type(e).__name__}): the checkpoint is damaged") from None
+    opt.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["state"]
+
+
+def run_has_ended(out_dir: str) -> bool:
+    """True when the run's metrics.jsonl ends with the row train.py writes when the run stops."""
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl"), "rb") as f:
+            f.seek(max(0, os.path.getsize(f.name) - 4096))
+            last = f.read().splitlines()[-1]
+        return "stop" in json.loads(last)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def is_model_folder(folder: str) -> bool:
+    """A complete model folder whose name (or a parent's) is not a temporary .tmp/.old copy."""
+    parts = os.path.normpath(folder).split(os.sep)
+    if any(p.endswith(".old") or ".tmp" in p for p in parts):
+        return False
+    return os.path.isfile(os.path.join(folder, "config.json")) and any(
+        os.path.isfile(os.path.join(folder, w)) for w in ("model.safetensors", "pytorch_model.bin"))
+
+
+def newest_model(root: str) -> tuple[str | None, str]:
+    """(folder, why) of the model a bare `inference.py` samples: best/ of the newest run that has ended, else
+    the newest best/, else the newest other model folder under root (never last/, .tmp or .old)."""
+    folders = [os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "config.json"), recursive=True)]
+    folders = [f for f in folders if is_model_folder(f) and os.path.basename(f) != "last"]
+    if not folders:
+        return None, ""
+    newest = lambda fs: max(fs, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")))
+    best = [f for f in folders if os.path.basename(f) == "best"]
+    ended = [f for f in best if run_has_ended(os.path.dirname(f))]
+    if ended:
+        return newest(ended), "the best model of the newest finished run"
+    if best:
+        return newest(best), "the best model so far of a run that has not finished"
+    return newest(folders), "the newest model folder"
+
+
+def resumable_checkpoint(folder: str) -> str | None:
+    """`folder`, or the copy a crash in the middle of save_checkpoint left, if it holds a training state."""
+    for candidate in (folder, folder + ".old"):
+        if all(os.path.isfile(os.path.join(candidate, n)) for n in ("train_state.pt", "metrics.json")):
+            return candidate
+    return None
+
+
+def check_run_folder(args, config: dict) -> tuple[str | None, dict | None]:
+    """Before any work: (checkpoint folder to resume from, its saved state), or (None, None) for a new run.
+    Refuses, with one sentence, a new run into a folder that holds one, and a resume that could not continue
+    what the checkpoint holds (another model shape or tokenizer, or a limit the run has already reached)."""
+    t = config["train"]
+    existing = holds_run(t.out_dir)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in train.out_dir and --overwrite replaces it; pass one of them")
+    if not args.resume:
+        if existing and not args.overwrite:
+            raise ValueError(f"train.out_dir {t.out_dir} already holds a training run ({', '.join(existing)}): "
+                             "continue it with --resume, start a new one with --set train.out_dir=NEW_DIR, or "
+                             "pass --overwrite to delete it and start over")
+        return None, None
+    folder = resumable_checkpoint(os.path.join(t.out_dir, "last"))
+    if folder is None:
+        raise ValueError(f"cannot resume: {os.path.join(t.out_dir, 'last')} holds no checkpoint; drop --resume to "
+                         "start a new run")
+    state, saved = read_resume_point(folder)
+    changes = config_changes(saved, config)
+    fixed = [c for c in changes if c[0].startswith("model.") or c[0] == "data.tokenizer"]
+    # the head layout follows n_layer: name it only when nothing else differs
+    fixed = [c for c in fixed if c[0] not in ("model.attention_types", "model.local_heads")] or fixed
+    if fixed:
+        raise ValueError(f"--resume: {folder} was trained with " + ", ".join(f"{k}={old}" for k, old, _ in fixed)
+                         + "; this run asks for " + ", ".join(f"{k}={new}" for k, _, new in fixed)
+                         + ": a resumed run keeps its model and tokenizer, so drop those settings or start a new run "
+                         "with --set train.out_dir=NEW_DIR")
+    spent = [(state["step"] >= t.max_steps, f"{state['step']} steps", "max_steps", t.max_steps, 2 * t.max_steps),
+             (bool(t.max_tokens) and state["tokens"] >= (t.max_tokens or 0), f"{state['tokens']:,} tokens",
+              "max_tokens", t.max_tokens, 2 * (t.max_tokens or 0)),
+             (bool(t.max_minutes) and state["elapsed"] >= 60 * (t.max_minutes or 0),
+              f"{state['elapsed'] / 60:.1f} minutes", "max_minutes", t.max_minutes, 2 * (t.max_minutes or 0)),
+             (bool(t.patience) and state["bad_evals"] >= t.patience,
+              f"{state['bad_evals']} evaluations without improvement", "patience", t.patience, 2 * t.patience)]
+    for done, used, key, limit, more in spent:
+        if done:
+            raise ValueError(f"--resume: the run in {t.out_dir} has already trained {used}, its train.{key} = "
+                             f"{limit}; to train on, raise it, e.g. --set train.{key}={more:g}")
+    for key, old, new in changes:
+        print(f"note: resuming with {key} = {new} (the checkpoint has {old})")
+    return folder, state
+
+
+def command(args, world: int, resume: bool, sets: dict[str, str] | None = None) -> str:
+    """The command line that runs this config again (with --resume and extra --set values)."""
+    items = {s.partition("=")[0].strip(): s for s in args.set}
+    items.update({k: f"{k}={v}" for k, v in (sets or {}).items()})
+    launcher = ["python"] if world == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(world)]
+    words = launcher + ["train.py", "--config", args.config] + [w for s in items.values() for w in ("--set", s)]
+    if args.use_wandb:
+        words += ["--use_wandb", "--wandb_project", args.wandb_project]
+    return shlex.join(words + (["--resume"] if resume else []))

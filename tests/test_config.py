@@ -1,0 +1,92 @@
+"""config.py: INI configs map onto the dataclasses with types checked, unknown keys rejected, and every error
+blamed on the file or the --set item that caused it."""
+
+import glob
+import os
+
+import pytest
+from transformers import GPTNeoConfig as HFConfig
+from transformers import GPTNeoForCausalLM
+
+from config import load_config
+from model import GPTNeo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# name -> (n_embd, n_layer) of the released TinyStories models
+FAMILY = {"1M": (64, 8), "3M": (128, 8), "8M": (256, 8), "28M": (512, 8), "33M": (768, 4)}
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_tinystories_family_configs(name):
+    m = load_config(os.path.join(ROOT, "config", f"tinystories_{name}.config"))["model"]
+    assert (m.n_embd, m.n_layer) == FAMILY[name]
+    assert (m.vocab_size, m.max_position_embeddings, m.n_head, m.window_size) == (50257, 2048, 16, 256)
+    assert m.attention_types == ("global", "local") * (m.n_layer // 2)
+
+
+def test_every_shipped_config_builds_a_model():
+    files = glob.glob(os.path.join(ROOT, "config", "*.config"))
+    assert any(f.endswith("tiny_lm_1M.config") for f in files)
+    for path in files:
+        config = load_config(path)["model"]
+        assert config.gpt_neo_compatible, path
+    model = GPTNeo(load_config(os.path.join(ROOT, "config", "tinystories_1M.config"))["model"])
+    hf = GPTNeoForCausalLM(HFConfig(hidden_size=64, num_layers=8, num_heads=16,
+                                    attention_types=[[["global", "local"], 4]]))
+    assert model.num_params() == hf.num_parameters() == 3_745_984  # the tied LM head counts once
+
+
+def write(tmp_path, text):
+    path = tmp_path / "x.config"
+    path.write_text(text)
+    return str(path)
+
+
+def test_types_overrides_and_both_head_forms(tmp_path):
+    path = write(tmp_path, "[model]\nn_layer = 4  # inline comments are fine\nn_head = 4\nn_embd = 32\n"
+                           "local_heads = 0,4,2,1\nintermediate_size = none\ndropout = 0.1\n")
+    m = load_config(path)["model"]
+    assert m.local_heads == (0, 4, 2, 1) and m.attention_types == ("global", "local", "mixed", "mixed")
+    assert m.intermediate_size is None and m.dropout == 0.1
+    m = load_config(path, ["model.local_heads=2", "model.n_layer=2"])["model"]
+    assert m.local_heads == (2, 2) and m.n_layer == 2
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("[model]\nn_embed = 64\n", [], "unknown key.*n_embed"),
+    ("[model]\nn_layer = eight\n", [], "n_layer = 'eight' is not a valid int"),
+    ("[model]\ndropout = lots\n", [], "dropout"),
+    ("[modle]\nn_layer = 2\n", [], r"unknown section.*\[modle\]"),
+    ("[model]\nn_head = 5\n", [], "divisible"),
+    ("[model]\n", ["n_layer=3"], "section.key=value"),
+    ("[model]\n", ["model.windowsize=3"], "unknown key.*windowsize"),
+    ("[model]\nattention_types = global,local\n", ["model.local_heads=8"], "attention_types = none"),
+])
+def test_bad_configs_name_the_problem(tmp_path, text, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(str(tmp_path / "nope.config"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=1"], r"^--set optim\.lr=1: unknown section \[optim\]"),
+    (["train.learning_rate=1"], r"^--set train\.learning_rate=1: unknown key 'learning_rate' in \[train\]"),
+    (["train.lr=-1"], r"^--set train\.lr=-1: \[train\] lr must be >= 0"),
+    (["train.lr=fast"], r"^--set train\.lr=fast: \[train\] lr = 'fast' is not a valid float"),
+    (["train.device=foo"], r"^--set train\.device=foo: \[train\] device must be auto, cpu, cuda"),
+    (["model.n_head=5"], r"^--set model\.n_head=5: \[model\] invalid model config: n_embd \(64\) must be divisible"),
+])
+def test_a_bad_set_is_blamed_on_the_set_not_the_file(tmp_path, overrides, message):
+    path = write(tmp_path, "[model]\nn_embd = 64\nn_head = 4\n[train]\nlr = 1e-3\n")
+    with pytest.raises(ValueError, match=message):
+        load_config(path, overrides)
+
+
+def test_a_bad_file_value_is_blamed_on_the_file(tmp_path):
+    path = write(tmp_path, "[model]\nn_embd = 64\nn_head = 5\n")
+    with pytest.raises(ValueError, match=rf"^{path}: \[model\] invalid model config"):
+        load_config(path, ["train.lr=1e-3"])
