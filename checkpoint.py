@@ -118,9 +118,9 @@ def run_has_ended(out_dir: str) -> bool:
         return False
 
 
-def is_model_folder(folder: str) -> bool:
-    """A complete model folder whose name (or a parent's) is not a temporary .tmp/.old copy."""
-    parts = os.path.normpath(folder).split(os.sep)
+def is_model_folder(folder: str, root: str) -> bool:
+    """A complete model folder under root whose name (or a parent's below root) is not a .tmp/.old copy."""
+    parts = os.path.relpath(folder, root).split(os.sep)
     if any(p.endswith(".old") or ".tmp" in p for p in parts):
         return False
     return os.path.isfile(os.path.join(folder, "config.json")) and any(
@@ -131,7 +131,7 @@ def newest_model(root: str) -> tuple[str | None, str]:
     """(folder, why) of the model a bare `inference.py` samples: best/ of the newest run that has ended, else
     the newest best/, else the newest other model folder under root (never last/, .tmp or .old)."""
     folders = [os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "config.json"), recursive=True)]
-    folders = [f for f in folders if is_model_folder(f) and os.path.basename(f) != "last"]
+    folders = [f for f in folders if is_model_folder(f, root) and os.path.basename(f) != "last"]
     if not folders:
         return None, ""
     newest = lambda fs: max(fs, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")))
@@ -152,10 +152,10 @@ def resumable_checkpoint(folder: str) -> str | None:
     return None
 
 
-def check_run_folder(args, config: dict) -> tuple[str | None, dict | None]:
-    """Before any work: (checkpoint folder to resume from, its saved state), or (None, None) for a new run.
-    Refuses, with one sentence, a new run into a folder that holds one, and a resume that could not continue
-    what the checkpoint holds (another model shape or tokenizer, or a limit the run has already reached)."""
+def check_run_folder(args, config: dict) -> list[str]:
+    """Before any work, refuse with one sentence (a ValueError) a new run into a folder that holds one, and a
+    resume that could not continue what the checkpoint holds: another model shape or tokenizer, or a limit the
+    run has already reached. Returns notes on the settings a resumed run changes."""
     t = config["train"]
     existing = holds_run(t.out_dir)
     if args.resume and args.overwrite:
@@ -165,7 +165,7 @@ def check_run_folder(args, config: dict) -> tuple[str | None, dict | None]:
             raise ValueError(f"train.out_dir {t.out_dir} already holds a training run ({', '.join(existing)}): "
                              "continue it with --resume, start a new one with --set train.out_dir=NEW_DIR, or "
                              "pass --overwrite to delete it and start over")
-        return None, None
+        return []
     folder = resumable_checkpoint(os.path.join(t.out_dir, "last"))
     if folder is None:
         raise ValueError(f"cannot resume: {os.path.join(t.out_dir, 'last')} holds no checkpoint; drop --resume to "
@@ -191,9 +191,7 @@ def check_run_folder(args, config: dict) -> tuple[str | None, dict | None]:
         if done:
             raise ValueError(f"--resume: the run in {t.out_dir} has already trained {used}, its train.{key} = "
                              f"{limit}; to train on, raise it, e.g. --set train.{key}={more:g}")
-    for key, old, new in changes:
-        print(f"note: resuming with {key} = {new} (the checkpoint has {old})")
-    return folder, state
+    return [f"resuming with {key} = {new} (the checkpoint has {old})" for key, old, new in changes]
 
 
 def command(args, world: int, resume: bool, sets: dict[str, str] | None = None) -> str:

@@ -129,7 +129,8 @@ def catch_stop_signals(stop: dict, log, can_skip_evaluation: bool) -> dict:
         stop["signals"].append(signum)
         if len(stop["signals"]) == 1:
             log(f"\n{signal.Signals(signum).name}: stopping after this step; the model is evaluated and saved "
-                "first (send it again to skip the evaluation)", flush=True)
+                "first (send it again to skip the evaluation)")
+            sys.stdout.flush()
         elif stop["evaluating"] and can_skip_evaluation:
             raise SkipEvaluation
 
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         if d.block_size > m.max_position_embeddings:
             raise ValueError(f"data.block_size = {d.block_size} is longer than the model's context, "
                              f"model.max_position_embeddings = {m.max_position_embeddings}; lower one or raise the other")
-        resume_from, _ = check_run_folder(args, config)
+        notes = check_run_folder(args, config)
         rank, world, device = init_distributed(t)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -167,6 +168,8 @@ def main(argv=None) -> int:
     log = print if master else (lambda *a, **k: None)
     for section, values in config.items():
         log(f"[{section}] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(values).items()))
+    for note in notes:
+        log(f"note: {note}")
     torch.manual_seed(t.seed)
     vocab_size = FULL_VOCAB if d.tokenizer == "gpt-neo" else m.vocab_size
     last_dir, best_dir = os.path.join(t.out_dir, "last"), os.path.join(t.out_dir, "best")
@@ -274,8 +277,10 @@ def main(argv=None) -> int:
             if (reason or step % t.eval_interval == 0) and state.get("evaluated_step") != step:
                 try:
                     evaluate_and_save()
-                except SkipEvaluation:
+                except SkipEvaluation:  # a second signal: stop now, saving last/ without the evaluation
                     log("second signal: saving without the evaluation")
+                    sig = signal.Signals(stop["signals"][0])
+                    reason, exit_code = reason or f"interrupted by {sig.name}", 128 + sig.value
             if reason is None and t.patience and state["bad_evals"] >= t.patience:
                 reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
             if reason:

@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPTNeo, GPTNeoConfig  # noqa: E402
-from native import native_decode_step  # noqa: E402
 
 
 def hf_twin(model: GPTNeo, folder: str):
@@ -84,7 +83,8 @@ def main():
           f"({t_ours * 1e3:.0f} ms)   transformers {tokens / t_hf:7.0f} tok/s ({t_hf * 1e3:.0f} ms)   "
           f"ratio {t_hf / t_ours:.2f}x")
 
-    # (2) greedy generation: ours eager, ours with the per-token step compiled (compile time reported apart)
+    # (2) greedy generation: ours by default (the fastest backend that runs here), ours eager, ours with the
+    # per-token step compiled (compile time reported apart)
     ours.eval(), hf.eval()
     prompt = torch.randint(0, config.vocab_size, (1, 8))
     n = args.new_tokens
@@ -94,35 +94,24 @@ def main():
             outputs["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False, pad_token_id=config.eos_token_id)
 
-        def gen_ours(compile):
+        def gen_ours(backend):
             def run():
-                outputs["compiled" if compile else "ours"] = ours.generate(prompt, n, temperature=0, compile=compile)
+                outputs[backend] = ours.generate(prompt, n, temperature=0, backend=backend)
             return run
-
-        def gen_native():
-            outputs["native"] = ours.generate(prompt, n, temperature=0, step=native_step)
-        fns = {"hf": gen_hf, "ours": gen_ours(False)}
-        try:
-            native_step = native_decode_step(ours)
-            fns["native"] = gen_native
-        except RuntimeError as e:
-            print(f"(no native line: {e})")
+        fns = {"hf": gen_hf, "auto": gen_ours("auto"), "eager": gen_ours("eager")}
         if not args.no_compile:
             t0 = time.perf_counter()
-            gen_ours(True)()
+            gen_ours("compile")()
             first = time.perf_counter() - t0
-            fns["compiled"] = gen_ours(True)
+            fns["compile"] = gen_ours("compile")
         t = interleaved_medians(fns, args.repeats)
-        print(f"greedy generate B=1 new={n}: ours {n / t['ours']:5.0f} tok/s   transformers {n / t['hf']:5.0f} "
-              f"tok/s   ratio {t['hf'] / t['ours']:.2f}x   same tokens: {torch.equal(outputs['ours'], outputs['hf'])}")
-        if not args.no_compile:
-            print(f"greedy generate, compile=True: ours {n / t['compiled']:5.0f} tok/s   transformers "
-                  f"{n / t['hf']:5.0f} tok/s   ratio {t['hf'] / t['compiled']:.2f}x   same tokens: "
-                  f"{torch.equal(outputs['compiled'], outputs['hf'])}   (first call, compiling: {first:.1f} s)")
-        if "native" in t:
-            print(f"greedy generate, native (decode.c): ours {n / t['native']:5.0f} tok/s   transformers "
-                  f"{n / t['hf']:5.0f} tok/s   ratio {t['hf'] / t['native']:.2f}x   same tokens: "
-                  f"{torch.equal(outputs['native'], outputs['hf'])}")
+        default = f"default (auto: {ours.choose_backend()})"
+        labels = {"auto": default, "eager": 'backend="eager"', "compile": 'backend="compile"'}
+        for backend in [b for b in ("auto", "eager", "compile") if b in t]:
+            note = f"   (first call, compiling: {first:.1f} s)" if backend == "compile" else ""
+            print(f"greedy generate B=1 new={n}, {labels[backend]:<24}: ours {n / t[backend]:5.0f} tok/s   "
+                  f"transformers {n / t['hf']:5.0f} tok/s   ratio {t['hf'] / t[backend]:5.2f}x   same tokens: "
+                  f"{torch.equal(outputs[backend], outputs['hf'])}{note}")
 
 
 if __name__ == "__main__":
