@@ -76,15 +76,16 @@ def pick_device(name: str, flag: str = "--device") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         device = None
+    cpu = f"{flag} cpu" if flag.startswith("--") else f"{flag} = cpu"
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{flag} {name!r} is not a device TinyLM runs on; use cpu, cuda, cuda:N, mps or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         build = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ValueError(f"{flag} {name}: {build}; use {flag} cpu (or auto)")
+        raise ValueError(f"{flag} {name}: {build}; use {cpu} (or auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{flag} {name}: Apple's MPS is not available here; use {flag} cpu (or auto)")
+        raise ValueError(f"{flag} {name}: Apple's MPS is not available here; use {cpu} (or auto)")
     return device
 
 

@@ -271,8 +271,8 @@ def main(argv=None) -> int:
             elif t.max_tokens and state["tokens"] >= t.max_tokens:
                 reason = "max_tokens reached"
             elif out_of_time:
-                reason = f"max_minutes reached ({t.max_minutes:g} minutes of training in all, earlier invocations of " \
-                         "a resumed run included)"
+                reason = f"max_minutes reached (train.max_minutes = {t.max_minutes:g} counts the whole run, earlier " \
+                         "invocations of a resumed run included)"
             # every stop evaluates the model it ends with, so best/ is never older than the final weights
             if (reason or step % t.eval_interval == 0) and state.get("evaluated_step") != step:
                 try:
