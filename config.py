@@ -36,9 +36,15 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
-    min_lr: float = 1e-4  # cosine schedule floor
-    lr_schedule: str = "cosine"  # "cosine" (after warmup) or "constant"
-    warmup_steps: int = 100
+    min_lr: float = 1e-4  # where the decay ends
+    # The schedule runs over the run's budget: whichever of max_steps, max_tokens and max_minutes is closest to
+    # stopping the run sets its progress, so the decay ends when the run does, on a fast or a busy machine.
+    # "cosine": warmup, then cosine from lr to min_lr; "wsd": warmup, lr, then a linear decay to min_lr over
+    # the last decay_fraction of the budget; "constant": warmup, then lr.
+    lr_schedule: str = "cosine"
+    decay_fraction: float = 0.2  # "wsd" only
+    warmup_steps: int = 100  # linear warmup, ending early if it would take more than warmup_fraction of the budget
+    warmup_fraction: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1  # not applied to biases, LayerNorms or embeddings
@@ -67,8 +73,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine', 'wsd' or 'constant', got {self.lr_schedule!r}")
+        for name in ("decay_fraction", "warmup_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

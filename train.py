@@ -30,14 +30,31 @@ from inference import evaluate_loss, pick_device
 from model import GPTNeo, atomic_write
 
 
-def get_lr(step: int, t: TrainConfig) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr over max_steps (or constant lr)."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
+def budget_progress(state: dict, t: TrainConfig, elapsed: float) -> float:
+    """How much of the run's budget is spent, from 0 to 1: the largest used fraction of max_steps, max_tokens and
+    max_minutes (elapsed seconds, earlier invocations of a resumed run included), so the learning-rate schedule
+    ends with whichever limit stops the run."""
+    used = [state["step"] / t.max_steps]
+    if t.max_tokens:
+        used.append(state["tokens"] / t.max_tokens)
+    if t.max_minutes:
+        used.append(elapsed / (60 * t.max_minutes))
+    return min(1.0, max(used))
+
+
+def get_lr(step: int, t: TrainConfig, progress: float | None = None) -> float:
+    """The learning rate of a step at `progress` through the budget (default: step / max_steps): a linear warmup
+    over warmup_steps (done by warmup_fraction of the budget at the latest), times the schedule's shape from lr
+    down to min_lr."""
+    progress = step / t.max_steps if progress is None else progress
+    warm = 1.0 if not t.warmup_steps else min(1.0, max((step + 1) / t.warmup_steps, progress / t.warmup_fraction))
     if t.lr_schedule == "constant":
-        return t.lr
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+        return t.lr * warm
+    if t.lr_schedule == "wsd":
+        shape = min(1.0, (1.0 - progress) / t.decay_fraction)
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    return warm * (t.min_lr + (t.lr - t.min_lr) * shape)
 
 
 def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> torch.optim.AdamW:
@@ -260,9 +277,9 @@ def main(argv=None) -> int:
         while True:
             step = state["step"]
             # every rank takes the same branch: the time limit and signals are decided by all of them together
-            out_of_time, signalled = sum_over_ranks(
-                float(bool(t.max_minutes) and time.time() - start >= 60 * t.max_minutes), float(bool(stop["signals"])),
-                device=device)
+            elapsed, signalled = sum_over_ranks(time.time() - start, float(bool(stop["signals"])), device=device)
+            elapsed /= world  # the ranks' mean: every rank takes the same learning rate and stop decision
+            out_of_time = bool(t.max_minutes) and elapsed >= 60 * t.max_minutes
             if signalled:
                 sig = signal.Signals(stop["signals"][0] if stop["signals"] else signal.SIGTERM)
                 reason, exit_code = f"interrupted by {sig.name}", 128 + sig.value
@@ -285,7 +302,7 @@ def main(argv=None) -> int:
                 reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
             if reason:
                 break
-            lr = get_lr(step, t)
+            lr = get_lr(step, t, budget_progress(state, t, elapsed))
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0

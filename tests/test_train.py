@@ -68,16 +68,31 @@ def test_early_stopping_on_a_plateau(tmp_path):
     assert len([m for m in metrics if "val_loss" in m]) == 3 and metrics[-1]["step"] == 20
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+def interrupt_at_train_step(monkeypatch, n: int, sig=signal.SIGINT):
+    """Make the n-th training forward pass send this process `sig`, as Ctrl-C (or a job scheduler) would."""
+    forward, calls = GPTNeo.forward, {"train": 0}
+
+    def forward_and_interrupt(self, idx, targets=None, kv_cache=None):
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] == n:
+                os.kill(os.getpid(), sig)
+        return forward(self, idx, targets, kv_cache)
+    monkeypatch.setattr(GPTNeo, "forward", forward_and_interrupt)
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
     train_main(["--config", train_config(straight, max_steps=20)])
-    # stopped after 13 steps (the schedule still aims at 20), between evaluations
-    train_main(["--config", train_config(split, max_steps=20), "--set", f"train.max_tokens={13 * 8 * 32}"])
+    with monkeypatch.context() as patch:  # interrupted after 13 steps, between evaluations
+        interrupt_at_train_step(patch, 13)
+        assert train_main(["--config", train_config(split, max_steps=20)]) == 130
     assert GPTNeo.from_pretrained(str(split / "out" / "last")) is not None
     train_main(["--config", train_config(split, max_steps=20), "--resume"])
     losses = lambda p: {m["step"]: m["loss"] for m in read_metrics(p) if "loss" in m}
-    assert losses(straight) == losses(split) and len(losses(split)) == 20
+    lrs = lambda p: {m["step"]: m["lr"] for m in read_metrics(p) if "lr" in m}
+    assert losses(straight) == losses(split) and len(losses(split)) == 20 and lrs(straight) == lrs(split)
     a = GPTNeo.from_pretrained(str(straight / "out" / "last")).state_dict()
     b = GPTNeo.from_pretrained(str(split / "out" / "last")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -232,7 +247,7 @@ def test_resume_after_a_limit_says_which_limit_to_raise(tmp_path, capsys):
 
 def test_a_signal_stops_after_the_step_and_a_second_skips_the_final_evaluation(tmp_path, monkeypatch, capsys):
     import train
-    evaluate, calls = train.evaluate_loss, {"eval": 0, "train": 0}
+    evaluate, calls = train.evaluate_loss, {"eval": 0}
 
     def evaluate_and_interrupt(*args, **kwargs):
         calls["eval"] += 1
@@ -240,16 +255,8 @@ def test_a_signal_stops_after_the_step_and_a_second_skips_the_final_evaluation(t
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         return evaluate(*args, **kwargs)
-    forward = GPTNeo.forward
-
-    def forward_and_interrupt(self, idx, targets=None, kv_cache=None):
-        if torch.is_grad_enabled():
-            calls["train"] += 1
-            if calls["train"] == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, idx, targets, kv_cache)
     monkeypatch.setattr(train, "evaluate_loss", evaluate_and_interrupt)
-    monkeypatch.setattr(GPTNeo, "forward", forward_and_interrupt)
+    interrupt_at_train_step(monkeypatch, 7, signal.SIGTERM)
     handler = signal.getsignal(signal.SIGINT)
     assert train_main(["--config", train_config(tmp_path, max_steps=1000, eval_interval=1000)]) == 128 + 15
     assert signal.getsignal(signal.SIGINT) is handler  # restored
@@ -313,3 +320,46 @@ def test_offline_the_hub_dataset_fails_fast_and_leaves_nothing(tmp_path):
         assert "Traceback" not in done.stderr and "Retrying" not in done.stderr + done.stdout
         assert "roneneldan/TinyStories" in done.stderr and "data.dataset" in done.stderr
         assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+# ---- the learning-rate schedule ends with the budget ----
+
+def test_schedule_shapes_follow_the_budget():
+    from config import TrainConfig
+    from train import budget_progress, get_lr
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=1000, max_minutes=10.0)
+    assert budget_progress({"step": 100, "tokens": 0}, t, elapsed=300.0) == 0.5  # the time limit is closest
+    assert budget_progress({"step": 900, "tokens": 0}, t, elapsed=300.0) == 0.9  # the step limit is
+    assert budget_progress({"step": 10, "tokens": 0}, t, elapsed=3000.0) == 1.0
+    assert get_lr(0, t, 0.0) == pytest.approx(0.1) and get_lr(9, t, 0.01) == pytest.approx(1.0, rel=1e-3)
+    assert get_lr(500, t, 0.5) == pytest.approx(0.55) and get_lr(999, t, 1.0) == pytest.approx(0.1)
+    long_warmup = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10_000, warmup_fraction=0.05, lr_schedule="constant")
+    assert get_lr(3, long_warmup, 0.025) == 0.5 and get_lr(5, long_warmup, 0.05) == 1.0  # ends at 5% of the budget
+    wsd = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=1, lr_schedule="wsd", decay_fraction=0.2)
+    assert [get_lr(50, wsd, p) for p in (0.5, 0.8, 0.9, 1.0)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_the_decay_completes_when_the_time_limit_stops_the_run(tmp_path, schedule):
+    # warmup_steps and max_steps far beyond what 3 seconds allow: the schedule follows the clock instead
+    config = train_config(tmp_path, max_minutes=0.05, max_steps=10 ** 6, warmup_steps=10 ** 6, eval_interval=10 ** 6,
+                          lr=3e-3, min_lr=1e-4, lr_schedule=schedule)
+    assert train_main(["--config", config]) == 0
+    lrs = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m]
+    assert read_metrics(tmp_path)[-1]["stop"].startswith("max_minutes") and len(lrs) > 20
+    assert max(lrs) > 0.9 * 3e-3  # the warmup ended within the budget
+    assert lrs[-1] < 1e-4 + 0.05 * (3e-3 - 1e-4)  # and the decay with it
+
+
+def test_a_resumed_run_continues_the_same_time_schedule(tmp_path, monkeypatch):
+    config = train_config(tmp_path, max_minutes=0.05, max_steps=10 ** 6, warmup_steps=5, eval_interval=10 ** 6,
+                          lr=3e-3, min_lr=1e-4)
+    with monkeypatch.context() as patch:
+        interrupt_at_train_step(patch, 30)
+        assert train_main(["--config", config]) == 130
+    before = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m]
+    assert train_main(["--config", config, "--resume"]) == 0
+    after = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m][len(before):]
+    assert len(before) == 30 and len(after) > 10
+    assert 0.8 * before[-1] < after[0] <= before[-1]  # picks up where it stopped, on the clock of the whole run
+    assert after[-1] < 1e-4 + 0.05 * (3e-3 - 1e-4)
