@@ -45,6 +45,9 @@ class TrainConfig:
     decay_fraction: float = 0.2  # "wsd" only
     warmup_steps: int = 100  # linear warmup, ending early if it would take more than warmup_fraction of the budget
     warmup_fraction: float = 0.05
+    optimizer: str = "adamw"  # "muon": torch.optim.Muon for the hidden matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1  # not applied to biases, LayerNorms or embeddings
@@ -73,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.lr_schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine', 'wsd' or 'constant', got {self.lr_schedule!r}")
         for name in ("decay_fraction", "warmup_fraction"):

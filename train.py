@@ -57,13 +57,57 @@ def get_lr(step: int, t: TrainConfig, progress: float | None = None) -> float:
     return warm * (t.min_lr + (t.lr - t.min_lr) * shape)
 
 
-def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> torch.optim.AdamW:
-    # Weight decay on the matrices of the linear layers only: not biases, LayerNorms or embeddings.
-    decay, rest = [], []
+class Optimizers:
+    """Several optimizers stepped as one, with what the loop and checkpoints use of an optimizer."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict):
+        states = state["optimizers"] if "optimizers" in state else [state]  # checkpoints before Optimizers
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"the checkpoint holds {len(states)} optimizer states and train.optimizer = "
+                             f"{'muon' if len(self.optimizers) > 1 else 'adamw'} needs {len(self.optimizers)}")
+        for o, s in zip(self.optimizers, states):
+            o.load_state_dict(s)
+
+
+def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> Optimizers:
+    """AdamW; or, with train.optimizer = muon, torch.optim.Muon for the hidden matrices (attention and MLP
+    weights) and AdamW for the embeddings (wte is also the LM head), biases and LayerNorms, the split
+    modded-nanogpt uses. Every param group carries lr_scale, its learning rate relative to train.lr, which the
+    schedule multiplies."""
+    matrices, rest = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() == 2 and not name.startswith(("wte", "wpe")) else rest).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=torch.device(device).type == "cuda")
+        (matrices if p.dim() == 2 and not name.startswith(("wte", "wpe")) else rest).append(p)
+    fused = torch.device(device).type == "cuda"
+    if t.optimizer == "muon":
+        muon = torch.optim.Muon(matrices, lr=t.muon_lr, weight_decay=t.weight_decay, momentum=t.muon_momentum)
+        adamw = torch.optim.AdamW(rest, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=0.0, fused=fused)
+        optimizers = Optimizers(muon, adamw)
+        muon.param_groups[0]["lr_scale"] = t.muon_lr / t.lr if t.lr else 0.0
+    else:
+        # weight decay on the matrices of the linear layers only: not biases, LayerNorms or embeddings
+        groups = [{"params": matrices, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        optimizers = Optimizers(torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused))
+    for group in optimizers.param_groups:
+        group.setdefault("lr_scale", 1.0)
+    return optimizers
 
 
 def init_distributed(t: TrainConfig):
@@ -304,7 +348,7 @@ def main(argv=None) -> int:
                 break
             lr = get_lr(step, t, budget_progress(state, t, elapsed))
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             loss_sum = 0.0
             for micro in range(t.grad_accum):
                 # rank r of w takes batch (step * grad_accum + micro) * w + r: w processes see the batches that one

@@ -1,14 +1,18 @@
 """Training throughput and MFU of train.py's loop: TinyLM vs transformers' GPTNeoForCausalLM, same process.
 
     python bench/bench_train.py [--configs tinystories_1M tinystories_8M] [--steps 5] [--batch_size 8]
+    python bench/bench_train.py --device cuda --dtype bfloat16 --compile --hf_attn eager flash_attention_2
 
 Both models start from the same weights and run the same loop (batch from the token stream, forward, loss,
 backward, grad-norm clip, AdamW step), taking turns step by step. MFU = model FLOPs per second / the matmul
-FLOP/s this machine reaches (a large fp32 matmul, measured here), with nanoGPT's count: 6 * parameters
-(position embeddings excluded) + 12 * n_layer * n_embd * block_size per token.
+FLOP/s this machine reaches (a large matmul in --dtype, measured here), with nanoGPT's count: 6 * parameters
+(position embeddings excluded) + 12 * n_layer * n_embd * block_size per token. --compile runs both models through
+torch.compile; --hf_attn lists transformers' attention implementations to time (one line each; flash_attention_2
+only where the flash_attn package is installed).
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -19,14 +23,15 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench_model import hf_twin, interleaved_medians  # noqa: E402
+from bench_model import interleaved_medians  # noqa: E402
 from dataload import get_batch  # noqa: E402
 from model import GPTNeo  # noqa: E402
 from train import TrainConfig, load_config, make_optimizer  # noqa: E402
 
 
-def matmul_flops_per_second(device, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_flops_per_second(device, n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    n = n if device.type == "cpu" else 8192  # a GPU needs a large product to reach its peak
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
@@ -72,6 +77,14 @@ def train_step_fn(model, loss_of, tokens, args, device):
     return run
 
 
+def hf_model(ours: GPTNeo, folder: str, attn: str):
+    """transformers' twin of ours with the given attention implementation."""
+    from transformers import GPTNeoForCausalLM
+
+    ours.save_pretrained(folder)
+    return GPTNeoForCausalLM.from_pretrained(folder, attn_implementation=attn)
+
+
 def hf_loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
 
@@ -84,28 +97,43 @@ def main():
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--hf_attn", nargs="+", default=["eager"], help="transformers attention implementations")
     args = p.parse_args()
     device = torch.device(args.device)
-    peak = matmul_flops_per_second(device)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}; "
-          f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; batch {args.batch_size} x {args.block_size}")
+    peak = matmul_flops_per_second(device, dtype=getattr(torch, args.dtype))
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}"
+          f"{', compiled' if args.compile else ''}; measured {args.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; "
+          f"batch {args.batch_size} x {args.block_size}")
+    attns = [a for a in args.hf_attn if a != "flash_attention_2" or importlib.util.find_spec("flash_attn")]
+    if attns != args.hf_attn:
+        print("(no flash_attention_2 line: the flash_attn package is not installed)")
     tokens_per_step = args.batch_size * args.block_size
     for name in args.configs:
         config = load_config(os.path.join(ROOT, "config", f"{name}.config"))["model"]
         torch.manual_seed(0)
         ours = GPTNeo(config)
         with tempfile.TemporaryDirectory() as folder:
-            hf = hf_twin(ours, folder).to(device)
+            hfs = {attn: hf_model(ours, folder, attn).to(device) for attn in attns}
         ours = ours.to(device)
         stream = np.random.default_rng(0).integers(0, config.vocab_size, 1_000_000).astype(np.int64)
         flops = flops_per_token(ours, args.block_size)
-        t = interleaved_medians({"ours": train_step_fn(ours, lambda m, x, y: m(x, y)[1], stream, args, device),
-                                 "hf": train_step_fn(hf, hf_loss, stream, args, device)}, args.steps)
-        t_ours, t_hf = t["ours"], t["hf"]
+        compiled = torch.compile if args.compile else (lambda m: m)
+        fns = {"ours": train_step_fn(ours, lambda m, x, y, c=compiled(ours): c(x, y)[1], stream, args, device)}
+        fns.update({attn: train_step_fn(hf, lambda m, x, y, c=compiled(hf): hf_loss(c, x, y), stream, args, device)
+                    for attn, hf in hfs.items()})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = interleaved_medians(fns, args.steps)
         line = [f"{name:15s} ({ours.num_params() / 1e6:.1f}M):"]
-        for who, t in (("ours", t_ours), ("transformers", t_hf)):
-            line.append(f"{who} {tokens_per_step / t:7.0f} tok/s MFU {100 * flops * tokens_per_step / t / peak:5.1f}%")
-        print("   ".join(line) + f"   ratio {t_hf / t_ours:.2f}x")
+        for who, seconds in t.items():
+            label = "ours" if who == "ours" else f"transformers[{who}]"
+            line.append(f"{label} {tokens_per_step / seconds:7.0f} tok/s MFU "
+                        f"{100 * flops * tokens_per_step / seconds / peak:5.1f}%")
+        ratios = ", ".join(f"{t[a] / t['ours']:.2f}x vs {a}" for a in hfs)
+        memory = f"   peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (all models)" \
+            if device.type == "cuda" else ""
+        print("   ".join(line) + f"   ratio {ratios}{memory}")
 
 
 if __name__ == "__main__":

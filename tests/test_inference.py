@@ -1,5 +1,6 @@
 """inference.py: greedy output equals transformers' generate; the CLI samples, streams and fails clearly."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
 from checkpoint import newest_model
+from conftest import DEVICE
 from inference import encode_prompt, load_model_and_tokenizer
 from model import GPTNeo, GPTNeoConfig
 from test_model import sharpen_
@@ -39,10 +41,11 @@ def run_cli(*args, cwd=ROOT):
 @pytest.mark.parametrize("backend", ["auto", "eager"])
 def test_greedy_matches_transformers_token_for_token_past_the_window(tinystories_1m_folder, backend):
     folder, hf = tinystories_1m_folder
-    model, tokenizer = load_model_and_tokenizer(folder, torch.device("cpu"))
-    idx = encode_prompt(tokenizer, "Once upon a time there was a little fox", "cpu")
+    model, tokenizer = load_model_and_tokenizer(folder, DEVICE)
+    idx = encode_prompt(tokenizer, "Once upon a time there was a little fox", DEVICE)
     n = 300  # the prompt plus 300 tokens runs well past the 256-token window of the local layers
     ours = model.generate(idx, n, temperature=0, backend=backend)
+    hf = copy.deepcopy(hf).to(DEVICE)  # the fixture's copy stays on the CPU for the CLI tests
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
                       do_sample=False, pad_token_id=50256)
     assert ours.size(1) == idx.size(1) + n
@@ -97,8 +100,8 @@ def test_cli_rejects_bad_requests(tmp_path):
     assert "# 28 tokens" in r.stderr
     r = run_cli("--model", str(folder), "--prompt", "Once upon a time" * 10)  # 40 tokens: longer than the context
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "error: the prompt is 40 tokens and the model's context is 32 (max_position_embeddings): shorten the prompt to " \
-           "at most 31 tokens" in r.stderr
+    assert "error: the prompt is 40 tokens and the model's context is 32 (max_position_embeddings): shorten the " \
+           "prompt to at most 31 tokens" in r.stderr
     for device, message in [("foo", "--device 'foo' is not a device TinyLM runs on; use cpu, cuda"),
                             ("cuda:7", "--device cuda:7: "), ("mps", "--device mps: ")]:
         if device.startswith("cuda") and torch.cuda.device_count() > 7 or device == "mps" and \

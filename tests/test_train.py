@@ -363,3 +363,21 @@ def test_a_resumed_run_continues_the_same_time_schedule(tmp_path, monkeypatch):
     assert len(before) == 30 and len(after) > 10
     assert 0.8 * before[-1] < after[0] <= before[-1]  # picks up where it stopped, on the clock of the whole run
     assert after[-1] < 1e-4 + 0.05 * (3e-3 - 1e-4)
+
+
+def test_muon_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    # Muon for the hidden matrices, AdamW for embeddings, biases and LayerNorms; both states survive a resume
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    settings = dict(optimizer="muon", muon_lr=0.02, max_steps=12, eval_interval=6)
+    assert train_main(["--config", train_config(straight, **settings)]) == 0
+    vals = [m["val_loss"] for m in read_metrics(straight) if "val_loss" in m]
+    assert vals[-1] < vals[0] - 0.5
+    with monkeypatch.context() as patch:
+        interrupt_at_train_step(patch, 8)
+        assert train_main(["--config", train_config(split, **settings)]) == 130
+    assert train_main(["--config", train_config(split, **settings), "--resume"]) == 0
+    losses = lambda p: [m["loss"] for m in read_metrics(p) if "loss" in m]
+    assert losses(straight) == losses(split) and len(losses(split)) == 12
+    saved = torch.load(split / "out" / "last" / "train_state.pt", weights_only=True)["optimizer"]["optimizers"]
+    assert len(saved) == 2 and saved[0]["param_groups"][0]["lr_scale"] == pytest.approx(0.02 / 3e-3)
