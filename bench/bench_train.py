@@ -101,9 +101,11 @@ def main():
     p.add_argument("--hf_attn", nargs="+", default=["eager"], help="transformers attention implementations")
     args = p.parse_args()
     device = torch.device(args.device)
-    peak = matmul_flops_per_second(device, dtype=getattr(torch, args.dtype))
+    # MFU against the GPU's bf16 matmul peak (what its FLOPs are quoted in), or the CPU's in the run's dtype
+    peak_dtype = "bfloat16" if device.type == "cuda" else args.dtype
+    peak = matmul_flops_per_second(device, dtype=getattr(torch, peak_dtype))
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}"
-          f"{', compiled' if args.compile else ''}; measured {args.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; "
+          f"{', compiled' if args.compile else ''}; measured {peak_dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; "
           f"batch {args.batch_size} x {args.block_size}")
     attns = [a for a in args.hf_attn if a != "flash_attention_2" or importlib.util.find_spec("flash_attn")]
     if attns != args.hf_attn:
