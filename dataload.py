@@ -237,7 +237,8 @@ def hub_stories(name: str, split: str, stats: dict):
 
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" if hub_offline() else ""
+        offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" \
+            if hub_offline() else ""
         raise ConnectionError(f"could not load the hub dataset {name!r}{offline} ({type(e).__name__}); offline, "
                               "download its text files elsewhere and point data.dataset at them (a file, folder or "
                               "glob)") from None

@@ -220,7 +220,8 @@ def main(argv=None) -> int:
         m, d, t = config["model"], config["data"], config["train"]
         if d.block_size > m.max_position_embeddings:
             raise ValueError(f"data.block_size = {d.block_size} is longer than the model's context, "
-                             f"model.max_position_embeddings = {m.max_position_embeddings}; lower one or raise the other")
+                             f"model.max_position_embeddings = {m.max_position_embeddings}; lower one or raise the "
+                             "other")
         notes = check_run_folder(args, config)
         rank, world, device = init_distributed(t)
     except ValueError as e:
@@ -250,8 +251,8 @@ def main(argv=None) -> int:
         dist.barrier()
     for split in ("train", "val"):
         if len(splits[split]) < d.block_size + 1:
-            raise SystemExit(f"error: the {split} split has {len(splits[split])} tokens, fewer than data.block_size + 1; "
-                             "lower data.block_size or add data")
+            raise SystemExit(f"error: the {split} split has {len(splits[split])} tokens, fewer than "
+                             "data.block_size + 1; lower data.block_size or add data")
     eot = tokenizer.eos_token_id
     model_config = dataclasses.replace(m, vocab_size=len(tokenizer), bos_token_id=eot, eos_token_id=eot)
     model = GPTNeo(model_config).to(device)
@@ -302,7 +303,8 @@ def main(argv=None) -> int:
         state["evaluated_step"] = state["step"]  # a resumed run does not evaluate this step again
         state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
         record({"step": state["step"], "tokens": state["tokens"], "val_loss": val})
-        (bar.write if not bar.disable else log)(f"step {state['step']:6d} | val {val:.4f} | best {state['best_val']:.4f}")
+        say = bar.write if not bar.disable else log
+        say(f"step {state['step']:6d} | val {val:.4f} | best {state['best_val']:.4f}")
         state["elapsed"] = time.time() - start
         if master:
             if improved:
@@ -403,6 +405,9 @@ def main(argv=None) -> int:
     if exit_code != 1 and not reason.startswith(("max_steps", "early stopping")):
         log(f"  continue: {command(args, world, True, more.get(reason.split()[0]))}")
     if dist.is_initialized():
+        # every rank waits for rank 0's saving and plotting: a rank that tore its process group down while the
+        # other still used it died at exit in gloo ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return exit_code
 
