@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import check_run_folder, clear_run, command, load_checkpoint, recover, save_checkpoint
-from config import DataConfig, TrainConfig, load_config  # noqa: F401 (train.load_config is used by tests and benches)
+from config import TrainConfig, load_config  # noqa: F401 (train.load_config is used by tests and benches)
 from dataload import FULL_VOCAB, get_batch, load_tokenizer, prepare_data
 from inference import evaluate_loss, pick_device
 from model import GPTNeo, atomic_write
@@ -200,6 +200,13 @@ def catch_stop_signals(stop: dict, log, can_skip_evaluation: bool) -> dict:
     return {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
+def interrupted(stop: dict) -> tuple[str, int]:
+    """(stop reason, exit status) of a signalled stop; a rank that got no signal itself names SIGTERM, which
+    torchrun sends to all of them."""
+    sig = signal.Signals(stop["signals"][0] if stop["signals"] else signal.SIGTERM)
+    return f"interrupted by {sig.name}", 128 + sig.value
+
+
 def restore_signals(previous: dict):
     for s, handler in previous.items():
         signal.signal(s, handler)
@@ -303,7 +310,6 @@ def main(argv=None) -> int:
         state["evaluated_step"] = state["step"]  # a resumed run does not evaluate this step again
         state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
         record({"step": state["step"], "tokens": state["tokens"], "val_loss": val})
-        say = bar.write if not bar.disable else log
         say(f"step {state['step']:6d} | val {val:.4f} | best {state['best_val']:.4f}")
         state["elapsed"] = time.time() - start
         if master:
@@ -314,8 +320,9 @@ def main(argv=None) -> int:
     tokens_per_step = t.batch_size * t.grad_accum * d.block_size * world
     bar = tqdm(total=t.max_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                disable=not (master and sys.stderr.isatty()))
+    say = bar.write if not bar.disable else log  # lines between progress-bar updates
     stop = {"signals": [], "evaluating": False}
-    previous_handlers = catch_stop_signals(stop, bar.write if not bar.disable else log, can_skip_evaluation=world == 1)
+    previous_handlers = catch_stop_signals(stop, say, can_skip_evaluation=world == 1)
     start, t_last, reason, exit_code = time.time() - state["elapsed"], time.time(), None, 0
     first_step, first_tokens, t_first = state["step"], state["tokens"], time.time()
     model.train()
@@ -327,8 +334,7 @@ def main(argv=None) -> int:
             elapsed /= world  # the ranks' mean: every rank takes the same learning rate and stop decision
             out_of_time = bool(t.max_minutes) and elapsed >= 60 * t.max_minutes
             if signalled:
-                sig = signal.Signals(stop["signals"][0] if stop["signals"] else signal.SIGTERM)
-                reason, exit_code = f"interrupted by {sig.name}", 128 + sig.value
+                reason, exit_code = interrupted(stop)
             elif step >= t.max_steps:
                 reason = "max_steps reached"
             elif t.max_tokens and state["tokens"] >= t.max_tokens:
@@ -342,8 +348,8 @@ def main(argv=None) -> int:
                     evaluate_and_save()
                 except SkipEvaluation:  # a second signal: stop now, saving last/ without the evaluation
                     log("second signal: saving without the evaluation")
-                    sig = signal.Signals(stop["signals"][0])
-                    reason, exit_code = reason or f"interrupted by {sig.name}", 128 + sig.value
+                    signal_reason, exit_code = interrupted(stop)
+                    reason = reason or signal_reason
             if reason is None and t.patience and state["bad_evals"] >= t.patience:
                 reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
             if reason:
