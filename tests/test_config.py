@@ -5,10 +5,12 @@ import glob
 import os
 
 import pytest
+import torch
 from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
 from config import load_config
+from conftest import hub_cache_snapshot
 from model import GPTNeo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,3 +92,24 @@ def test_a_bad_file_value_is_blamed_on_the_file(tmp_path):
     path = write(tmp_path, "[model]\nn_embd = 64\nn_head = 5\n")
     with pytest.raises(ValueError, match=rf"^{path}: \[model\] invalid model config"):
         load_config(path, ["train.lr=1e-3"])
+
+
+@pytest.mark.parametrize("name", ["3M", "8M", "28M", "33M"])
+def test_each_family_config_builds_and_loads_by_hub_id(name, tmp_path, monkeypatch):
+    # the model a family config builds, laid out in the hub cache as roneneldan/TinyStories-<name>, loads by its hub
+    # id in TinyLM and as a folder in transformers, with the same logits
+    torch.manual_seed(0)
+    model = GPTNeo(load_config(os.path.join(ROOT, "config", f"tinystories_{name}.config"))["model"]).eval()
+    model.save_pretrained(str(tmp_path / "saved"))
+    files = {f: str(tmp_path / "saved" / f) for f in ("config.json", "model.safetensors")}
+    snapshot = hub_cache_snapshot(tmp_path / "hub", f"roneneldan/TinyStories-{name}", files)
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = GPTNeo.from_pretrained(f"roneneldan/TinyStories-{name}")
+    assert loaded.config == model.config
+    hf = GPTNeoForCausalLM.from_pretrained(snapshot).eval()
+    idx = torch.randint(0, 50257, (1, 24))
+    with torch.no_grad():
+        ours = loaded(idx)[0]
+        assert torch.equal(ours, model(idx)[0])
+        torch.testing.assert_close(ours, hf(idx).logits, rtol=0, atol=1e-4)

@@ -11,7 +11,7 @@ from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
 from checkpoint import newest_model
-from conftest import DEVICE
+from conftest import DEVICE, hub_cache_snapshot
 from inference import encode_prompt, load_model_and_tokenizer
 from model import GPTNeo, GPTNeoConfig
 from test_model import sharpen_
@@ -32,8 +32,8 @@ def tinystories_1m_folder(tmp_path_factory):
     return str(folder), hf
 
 
-def run_cli(*args, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run_cli(*args, cwd=ROOT, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, INFERENCE, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -217,3 +217,46 @@ def test_speed_line_leaves_out_the_compile():
     assert speed_line(arrived, compiled=False) == "# 5 tokens, 0 tokens/s"
     assert speed_line(arrived, compiled=True) == \
         "# 5 tokens, 10 tokens/s after the first step, which compiled in 10.0 s"
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_a_hub_id_loads_offline_from_the_hub_cache(tinystories_1m_folder, tmp_path, monkeypatch, weights):
+    # roneneldan/TinyStories-1M as a machine that downloaded it holds it: safetensors as the hub serves it now, or
+    # the 2023 pytorch_model.bin, which also holds lm_head.weight and transformers 4.x's mask buffers
+    folder, hf = tinystories_1m_folder
+    files = {"config.json": os.path.join(folder, "config.json")}
+    if weights == "model.safetensors":
+        files[weights] = os.path.join(folder, weights)
+    else:
+        state = dict(hf.state_dict(), **{"lm_head.weight": hf.lm_head.weight})
+        for i in range(8):
+            state[f"transformer.h.{i}.attn.attention.bias"] = torch.ones(1, 1, 2048, 2048, dtype=torch.bool).tril()
+            state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+        torch.save(state, tmp_path / weights)
+        files[weights] = str(tmp_path / weights)
+    from dataload import gpt_neo_tokenizer
+    gpt_neo_tokenizer().backend_tokenizer.save(str(tmp_path / "tokenizer.json"))  # the hub repo ships one
+    files["tokenizer.json"] = str(tmp_path / "tokenizer.json")
+    cache = tmp_path / "hub"
+    snapshot = hub_cache_snapshot(cache, "roneneldan/TinyStories-1M", files)
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    model = GPTNeo.from_pretrained("roneneldan/TinyStories-1M")
+    idx = torch.randint(0, 50257, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
+    model, tokenizer = load_model_and_tokenizer("roneneldan/TinyStories-1M", "cpu")
+    assert len(tokenizer) == 50257
+
+    env = {"HF_HUB_CACHE": str(cache)}
+    r = run_cli("--model", "roneneldan/TinyStories-1M", "--prompt", "Once upon a time", "--max_new_tokens", "12",
+                "--temperature", "0", env=env)
+    assert r.returncode == 0, r.stderr
+    idx = torch.tensor([tokenizer.encode("Once upon a time")])
+    ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      pad_token_id=50256)
+    assert r.stdout == tokenizer.decode(ref[0]) + "\n"
+    os.remove(os.path.join(snapshot, weights))  # an interrupted download: one sentence, no traceback
+    r = run_cli("--model", "roneneldan/TinyStories-1M", env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "has no model.safetensors" in r.stderr
