@@ -23,6 +23,11 @@ class DataConfig:
     tokenizer: str = "trimmed"  # "trimmed": model.vocab_size most used GPT-Neo tokens; "gpt-neo": all 50257
     block_size: int = 512  # tokens per training sequence, as in the paper
     cache_dir: str = "data"  # tokenizer.json and token caches
+    # Hub datasets only. hub_files: read the repository's PREFIX-train.txt and PREFIX-valid.txt instead of its
+    # parquet splits; TinyStoriesV2-GPT4 is TinyStories V2 (GPT-4 stories only). streaming: tokenize stories as
+    # they download, keeping no copy of the text on disk (a trimmed vocabulary reads the data twice).
+    hub_files: str | None = None
+    streaming: bool = False
 
     def __post_init__(self):
         if self.tokenizer not in ("trimmed", "gpt-neo"):

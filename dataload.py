@@ -22,6 +22,7 @@ import numpy as np
 
 EOT = "<|endoftext|>"
 HUB_DATASET = "roneneldan/TinyStories"
+TINYSTORIES_V2 = "TinyStoriesV2-GPT4"  # data.hub_files value: the hub repo's V2 text files, GPT-4 stories only
 FULL_VOCAB = 50257
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
@@ -133,7 +134,10 @@ def trim_tokenizer(full, counts: np.ndarray, vocab_size: int):
 # ---- corpora ----
 
 def resolve_files(spec: str) -> list[str] | None:
-    """Local files named by a file, folder or glob; None when `spec` names a hub dataset instead."""
+    """Local files named by a file, folder or glob; None when `spec` names a hub dataset instead: a hub id, or a
+    local copy of a hub dataset repository (see is_hub_repo_folder)."""
+    if os.path.isdir(spec) and is_hub_repo_folder(spec):
+        return None
     if os.path.isdir(spec):
         files = sorted(p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if p.endswith(FILE_TYPES))
     elif glob.has_magic(spec):
@@ -153,23 +157,47 @@ def resolve_files(spec: str) -> list[str] | None:
     return files
 
 
+def is_hub_repo_folder(path: str) -> bool:
+    """A local copy of a hub dataset repository (a git clone or snapshot_download of roneneldan/TinyStories): it
+    has `datasets`' sharded split files (data/train-00000-of-00004-*.parquet), or a README.md whose YAML header
+    tells `datasets` which files make which split. Such a folder is read as the hub dataset is, not as every text
+    file in it (that would train on its validation files, and on V1 and V2 at once)."""
+    if glob.glob(os.path.join(glob.escape(path), "data", "train-[0-9][0-9][0-9][0-9][0-9]-of-[0-9]*")):
+        return True
+    readme = os.path.join(path, "README.md")
+    if not os.path.isfile(readme):
+        return False
+    with open(readme, encoding="utf-8", errors="replace") as f:
+        head = f.read(1 << 16)
+    return head.startswith("---") and re.search(r"^configs:", head, re.MULTILINE) is not None
+
+
+def split_at_eot(texts):
+    """Stories of a stream of text pieces that, joined, hold stories separated by <|endoftext|>."""
+    pending = ""
+    for text in texts:
+        pending += text
+        *stories, pending = pending.split(EOT)
+        yield from stories
+    yield pending
+
+
 def read_txt(path: str, chunk_bytes: int = 1 << 20):
     """Stories of a .txt file separated by <|endoftext|>, streamed; invalid UTF-8 is an error with its offset."""
-    decoder, pending, offset = codecs.getincrementaldecoder("utf-8")(), "", 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_bytes)
-            try:
-                pending += decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not valid UTF-8 (byte {offset + e.start}); convert it, e.g. "
-                                 f"iconv -f latin1 -t utf-8") from None
-            offset += len(chunk)
-            *stories, pending = pending.split(EOT)
-            yield from stories
-            if not chunk:
-                yield pending
-                return
+    def decoded_chunks():
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(chunk_bytes)
+                try:
+                    yield decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} is not valid UTF-8 (byte {offset + e.start}); convert it, e.g. "
+                                     f"iconv -f latin1 -t utf-8") from None
+                offset += len(chunk)
+                if not chunk:
+                    return
+    yield from split_at_eot(decoded_chunks())
 
 
 def read_jsonl(path: str):
@@ -230,20 +258,47 @@ def check_hub_reachable(name: str, timeout: float = 10.0):
                               "before") from None
 
 
-def hub_stories(name: str, split: str, stats: dict):
-    """Stripped non-empty `text` fields of a split of a `datasets` hub dataset."""
-    try:
-        import datasets
+def hub_stories(location: str, split: str, stats: dict, hub_files: str | None = None, streaming: bool = False):
+    """Stripped non-empty stories of a hub dataset's split ("train" or "validation"): its `text` column as
+    `datasets` loads it, or with hub_files its PREFIX-train.txt / PREFIX-valid.txt. `location` is a hub id or a
+    local copy of the repository: the same calls read both. streaming: read as the data arrives, keeping no copy."""
+    import datasets
 
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" \
-            if hub_offline() else ""
-        raise ConnectionError(f"could not load the hub dataset {name!r}{offline} ({type(e).__name__}); offline, "
-                              "download its text files elsewhere and point data.dataset at them (a file, folder or "
-                              "glob)") from None
-    for batch in ds.iter(batch_size=1000):
-        yield from non_empty((t or "" for t in batch["text"]), stats)
+    name = f"{hub_files}-{'train' if split == 'train' else 'valid'}.txt" if hub_files else None
+    local = os.path.isdir(location)
+    try:
+        if name is None:
+            ds = datasets.load_dataset(location, split=split, streaming=streaming)
+            texts = (t or "" for batch in ds.iter(batch_size=1000) for t in batch["text"])
+        elif streaming:  # line by line as it downloads, regrouped into stories as read_txt does
+            url = os.path.join(location, name) if local else f"hf://datasets/{location}/{name}"
+            ds = datasets.load_dataset("text", data_files={split: url}, split=split, streaming=True,
+                                       keep_linebreaks=True)
+            texts = split_at_eot(line for batch in ds.iter(batch_size=10000) for line in batch["text"])
+        else:
+            texts = read_txt(os.path.join(location, name) if local else hub_file(location, name))
+        yield from non_empty(texts, stats)
+    except ValueError:
+        raise  # read_txt's own message (invalid UTF-8)
+    except Exception as e:  # datasets and huggingface_hub raise many kinds; all mean "cannot read it"
+        if not local:
+            raise hub_error(location, e) from None
+        need = f"{name} (data.hub_files = {hub_files})" if name else f"a {split} split that datasets can find"
+        raise ValueError(f"{location} is read as a copy of a hub dataset (its README.md has a datasets YAML header) "
+                         f"but it lacks {need}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def hub_file(repo_id: str, name: str) -> str:
+    """A file of a hub dataset repository, downloaded once into the huggingface_hub cache (offline: from it)."""
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id, name, repo_type="dataset")
+
+
+def hub_error(name: str, e: Exception) -> ConnectionError:
+    offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" if hub_offline() else ""
+    return ConnectionError(f"could not load the hub dataset {name!r}{offline} ({type(e).__name__}); offline, download "
+                           "its text files elsewhere and point data.dataset at them (a file, folder or glob)")
 
 
 def non_empty(stories, stats: dict):
@@ -272,13 +327,23 @@ def take_every(stories, fraction: float, want_val: bool, stats: dict):
         story, i = following, i + 1
 
 
-def split_sources(data: str, val_data: str | None, val_fraction: float) -> dict:
+def split_sources(data: str, val_data: str | None, val_fraction: float, hub_files: str | None = None,
+                  streaming: bool = False) -> dict:
     """split name -> (a description of its source for the cache key, stats -> stream of its stories)."""
     files = resolve_files(data)
     if files is None:  # a hub dataset: its own train and validation splits
-        check_hub_reachable(data)
-        return {split: (f"hub:{data}:{hub_split}", lambda stats, s=hub_split: hub_stories(data, s, stats))
+        if os.path.isdir(data):  # a local copy: keyed by its files, so a changed copy rebuilds
+            key = f"hub-folder:{folder_signature(data)}"
+        else:
+            check_hub_reachable(data)
+            key = f"hub:{data}"
+        key += f"/{hub_files}" if hub_files else ""
+        return {split: (f"{key}:{hub_split}", lambda stats, s=hub_split: hub_stories(data, s, stats, hub_files,
+                                                                                      streaming))
                 for split, hub_split in (("train", "train"), ("val", "validation"))}
+    if hub_files:
+        raise ValueError(f"data.hub_files (dataload.py --hub_files) picks files of a hub dataset such as {HUB_DATASET}, "
+                         f"but data.dataset = {data} names local files; drop hub_files or point at the hub dataset")
     if val_data is not None:
         val_files = resolve_files(val_data)
         if val_files is None:
@@ -293,6 +358,13 @@ def split_sources(data: str, val_data: str | None, val_fraction: float) -> dict:
     return {split: (key, lambda stats, v=(split == "val"): take_every(non_empty(read_stories(files), {}), val_fraction, v,
                                                                         stats))
             for split in ("train", "val")}
+
+
+def folder_signature(folder: str) -> str:
+    """The absolute path, names, sizes and modification times of a folder's files: cheap, and it changes when they do."""
+    entries = sorted((os.path.relpath(p, folder), os.path.getsize(p), int(os.path.getmtime(p)))
+                     for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
+    return hashlib.sha256(repr((os.path.abspath(folder), entries)).encode()).hexdigest()
 
 
 def files_digest(files: list[str]) -> str:
@@ -433,15 +505,16 @@ def open_cache(path: str, vocab_size: int) -> np.memmap:
 
 
 def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir: str = "data",
-                 val_data: str | None = None, val_fraction: float = 0.01, log=print, tokenizer=None):
+                 val_data: str | None = None, val_fraction: float = 0.01, log=print, tokenizer=None,
+                 hub_files: str | None = None, streaming: bool = False):
     """Build or reuse the tokenizer and the train/val token caches under out_dir.
 
     Returns (tokenizer, {"train": memmap, "val": memmap}, report). Caches are keyed by a hash of the source
     data and the tokenizer, so a changed corpus or vocabulary rebuilds and an unchanged one is reused at once.
     A given `tokenizer` (a resumed run's) is used as it is, whatever vocab_size says. A failure leaves no folder
-    that this call created.
+    that this call created. hub_files and streaming apply to hub datasets (see hub_stories).
     """
-    sources = split_sources(data, val_data, val_fraction)
+    sources = split_sources(data, val_data, val_fraction, hub_files, streaming)
     files = resolve_files(data)
     for path in files or ():
         note_single_story(path, log)
@@ -595,10 +668,15 @@ def main(argv=None):
     p.add_argument("--tokenizer", choices=["trimmed", "gpt-neo"], default="trimmed",
                    help="gpt-neo: the full vocabulary whatever --vocab_size says (what the HF TinyStories weights use)")
     p.add_argument("--out", default="data", help="folder for tokenizer.json and the caches")
+    p.add_argument("--hub_files", default=None, help=f"hub dataset: read its PREFIX-train.txt and PREFIX-valid.txt "
+                   f"instead of its parquet splits; {TINYSTORIES_V2} is TinyStories V2 (GPT-4 stories only)")
+    p.add_argument("--streaming", action="store_true", help="hub dataset: tokenize the stories as they download, "
+                   "keeping no copy of the text")
     args = p.parse_args(argv)
     try:
         vocab_size = FULL_VOCAB if args.tokenizer == "gpt-neo" else args.vocab_size
-        tokenizer, splits, report = prepare_data(args.data, vocab_size, args.out, args.val_data, args.val_fraction)
+        tokenizer, splits, report = prepare_data(args.data, vocab_size, args.out, args.val_data, args.val_fraction,
+                                                 hub_files=args.hub_files, streaming=args.streaming)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(report, indent=2))

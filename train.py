@@ -251,7 +251,8 @@ def main(argv=None) -> int:
         # a resumed run keeps the tokenizer its weights were trained with, whatever the data now is
         tokenizer = load_tokenizer(last_dir) if args.resume else None
         tokenizer, splits, _ = prepare_data(d.dataset, vocab_size, d.cache_dir, d.val_dataset, d.val_fraction,
-                                            tokenizer=tokenizer, log=log)
+                                            tokenizer=tokenizer, log=log, hub_files=d.hub_files,
+                                            streaming=d.streaming)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if master and world > 1:
