@@ -9,6 +9,7 @@ Stories are separated by <|endoftext|> (the released TinyStories .txt format), o
 
 import argparse
 import codecs
+import errno
 import glob
 import hashlib
 import itertools
@@ -494,14 +495,24 @@ def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing", workers
                 n += len(ids)
                 bar.update(len(ids))
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OSError(f"the disk holding {os.path.dirname(os.path.abspath(path))} filled up after {n:,} tokens of "
+                      f"{os.path.basename(path)}; free some space, or point data.cache_dir (dataload.py --out) at a "
+                      "larger disk") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return n
 
 
+def open_cache_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
 def open_cache(path: str, vocab_size: int) -> np.memmap:
-    return np.memmap(path, dtype=np.uint16 if vocab_size <= 1 << 16 else np.uint32, mode="r")
+    return np.memmap(path, dtype=open_cache_dtype(vocab_size), mode="r")
 
 
 def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir: str = "data",
@@ -519,12 +530,13 @@ def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir:
     for path in files or ():
         note_single_story(path, log)
     # Worker processes take a second or so to start: worth it only for corpora larger than a few MB.
-    big = files is None or sum(os.path.getsize(f) for f in files) > PARALLEL_BYTES
+    text_bytes = None if files is None else sum(os.path.getsize(f) for f in files)
+    big = text_bytes is None or text_bytes > PARALLEL_BYTES
     workers = os.cpu_count() or 1 if big else 1
     created = outermost_new_folder(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
-        return build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer)
+        return build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer, text_bytes)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
@@ -549,8 +561,46 @@ def note_single_story(path: str, log):
                 f", so it is read as one story; TinyStories files end every story with a {EOT} line")
 
 
-def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=None):
+def remove_abandoned_files(out_dir: str, log):
+    """Delete the *.tmp<pid> files of builds whose process is gone (killed, or the machine went down)."""
+    freed = 0
+    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp[0-9]*")):
+        pid = int(re.sub(r".*\.tmp", "", path)) if re.fullmatch(r".*\.tmp\d+", path) else None
+        if pid is None or pid == os.getpid() or process_alive(pid):
+            continue
+        freed += os.path.getsize(path)
+        os.remove(path)
+    if freed:
+        log(f"removed {freed / 1e6:,.1f} MB that an interrupted build left in {out_dir}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_free_space(out_dir: str, text_bytes: int | None, token_bytes: int):
+    """Refuse before any work when the caches of `text_bytes` of text (None: unknown, as for the hub) cannot
+    fit: TinyStories has 3.5-4.5 bytes of text per token, so caches take at most token_bytes / 3 per text byte."""
+    if text_bytes is None:
+        return
+    need, free = text_bytes * token_bytes // 3, shutil.disk_usage(out_dir).free
+    if free < need:
+        raise OSError(f"the token caches of {text_bytes / 1e6:,.0f} MB of text need about {need / 1e6:,.0f} MB, and "
+                      f"the disk holding {os.path.abspath(out_dir)} has {free / 1e6:,.0f} MB free; free some space, "
+                      "or point data.cache_dir (dataload.py --out) at a larger disk")
+
+
+def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=None, text_bytes=None):
     """prepare_data's work, inside the folder it made."""
+    remove_abandoned_files(out_dir, log)
+    if not glob.glob(os.path.join(glob.escape(out_dir), "train-*.bin")):  # a first build: check before counting
+        check_free_space(out_dir, text_bytes, np.dtype(open_cache_dtype(vocab_size)).itemsize)
     if tokenizer is None:
         tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log)
     else:
@@ -565,6 +615,8 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
                 meta = json.load(f)
             log(f"{split}: reusing {path} ({meta['tokens']:,} tokens, {meta['stories']:,} stories)")
         else:
+            check_free_space(out_dir, text_bytes and (text_bytes if split == "train" else text_bytes // 10),
+                             np.dtype(open_cache_dtype(len(tokenizer))).itemsize)
             stats = {}
             n = build_cache(path, tokenizer, stories(stats), desc=f"tokenizing {split}", workers=workers)
             meta = {"tokens": n, "stories": stats.get("stories", 0), "skipped_empty": stats.get("skipped_empty", 0),

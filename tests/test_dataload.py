@@ -307,3 +307,56 @@ def test_hub_options_fail_clearly(tmp_path, hub_repo):
     from dataload import main as dataload_main
     assert dataload_main(["--data", str(folder), "--hub_files", "TinyStoriesV2-GPT4", "--streaming", "--vocab_size",
                           "300", "--out", str(tmp_path / "cli")]) is None
+
+
+def test_a_killed_build_leaves_nothing_that_passes_as_complete(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    write_txt(tmp_path / "s.txt", make_stories(40000))  # big enough to be killed mid-build
+    out = tmp_path / "out"
+    code = ("import sys, dataload; dataload.build_cache = (lambda f: lambda *a, **k: (print('building', flush=True), "
+            "f(*a, **k))[1])(dataload.build_cache); dataload.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--data", str(tmp_path / "s.txt"), "--out", str(out)],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline() == "building\n"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert glob.glob(str(out / "*.tmp*")) and not glob.glob(str(out / "train-*.bin"))  # half a cache, by its tmp name
+    said = []
+    _, splits, report = prepare_data(str(tmp_path / "s.txt"), 50257, str(out), log=said.append)
+    assert any("removed" in s and "interrupted build" in s for s in said) and not glob.glob(str(out / "*.tmp*"))
+    assert report["train_stories"] + report["val_stories"] == 40000
+
+
+def test_a_full_disk_is_one_sentence_before_the_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    write_txt(tmp_path / "s.txt", make_stories(50))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(OSError, match=r"need about .* MB, and the disk holding .*out has 0 MB free; free some space, or "
+                                      r"point data.cache_dir"):
+        prepare_data(str(tmp_path / "s.txt"), 50257, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    import errno
+
+    import dataload
+    real_open = open
+
+    def open_full(path, mode="r", *a, **k):  # the disk fills up while the cache is written
+        f = real_open(path, mode, *a, **k)
+        if ".bin.tmp" in str(path):
+            def write(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+    monkeypatch.setattr("builtins.open", open_full)
+    with pytest.raises(OSError, match=r"filled up after 0 tokens of train-.*\.bin; free some space"):
+        dataload.prepare_data(str(tmp_path / "s.txt"), 50257, str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists()
