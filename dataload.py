@@ -297,7 +297,8 @@ def hub_file(repo_id: str, name: str) -> str:
 
 
 def hub_error(name: str, e: Exception) -> ConnectionError:
-    offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" if hub_offline() else ""
+    offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" \
+        if hub_offline() else ""
     return ConnectionError(f"could not load the hub dataset {name!r}{offline} ({type(e).__name__}); offline, download "
                            "its text files elsewhere and point data.dataset at them (a file, folder or glob)")
 
@@ -343,8 +344,9 @@ def split_sources(data: str, val_data: str | None, val_fraction: float, hub_file
                                                                                       streaming))
                 for split, hub_split in (("train", "train"), ("val", "validation"))}
     if hub_files:
-        raise ValueError(f"data.hub_files (dataload.py --hub_files) picks files of a hub dataset such as {HUB_DATASET}, "
-                         f"but data.dataset = {data} names local files; drop hub_files or point at the hub dataset")
+        raise ValueError(f"data.hub_files (dataload.py --hub_files) picks files of a hub dataset such as "
+                         f"{HUB_DATASET}, but data.dataset = {data} names local files; drop hub_files or point "
+                         "at the hub dataset")
     if val_data is not None:
         val_files = resolve_files(val_data)
         if val_files is None:
@@ -362,7 +364,7 @@ def split_sources(data: str, val_data: str | None, val_fraction: float, hub_file
 
 
 def folder_signature(folder: str) -> str:
-    """The absolute path, names, sizes and modification times of a folder's files: cheap, and it changes when they do."""
+    """The absolute path, names, sizes and modification times of a folder's files: cheap, and changes with them."""
     entries = sorted((os.path.relpath(p, folder), os.path.getsize(p), int(os.path.getmtime(p)))
                      for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
     return hashlib.sha256(repr((os.path.abspath(folder), entries)).encode()).hexdigest()

@@ -112,7 +112,8 @@ def main():
               f"{report['coverage']:8.2%}", flush=True)
     if args.train_steps <= 0 or len(sizes) < 2:
         return
-    print(f"\ntrain.py, config/quickstart.config at vocabulary {args.vocab_size}, {args.train_steps} steps, ready cache")
+    print(f"\ntrain.py, config/quickstart.config at vocabulary {args.vocab_size}, {args.train_steps} steps, "
+          "ready cache")
     results = {name: [] for name in (sizes[0][0], sizes[-1][0])}
     for rep in range(args.repeats):
         for name in results:
@@ -130,9 +131,10 @@ def main():
             print(f"  {name:<8} start-up {started:5.1f} s   {tok_s:8,.0f} tokens/s   peak RSS "
                   f"{r['peak_rss'] / 1e6:,.0f} MB", flush=True)
     small, large = (np.array(results[name]) for name in results)
+    ratio = large[:, 1] / small[:, 1]
     print(f"range over {args.repeats} runs: start-up {large[:, 0].min():.1f}-{large[:, 0].max():.1f} s on "
           f"{sizes[-1][0]} vs {small[:, 0].min():.1f}-{small[:, 0].max():.1f} s on {sizes[0][0]}; tokens/s ratio "
-          f"{sizes[-1][0]}/{sizes[0][0]} {(large[:, 1] / small[:, 1]).min():.3f}-{(large[:, 1] / small[:, 1]).max():.3f}")
+          f"{sizes[-1][0]}/{sizes[0][0]} {ratio.min():.3f}-{ratio.max():.3f}")
 
 
 if __name__ == "__main__":

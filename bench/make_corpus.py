@@ -1,7 +1,7 @@
 """Write a deterministic synthetic TinyStories-format corpus of a requested size from seed stories, for measuring
 data loading and training at full scale (TinyStories is 1.9 GB; the shared sample is 6 MB).
 
-    python bench/make_corpus.py --size 2GB --out /tmp/corpus/ts-2GB.txt [--seed_text "../shared/data/tinystories_train_*.txt"]
+    python bench/make_corpus.py --size 2GB --out /tmp/corpus/ts-2GB.txt [--seed_text "other/stories_*.txt"]
 
 Stories are recombined, not repeated: each output story takes a seed story's sentences and swaps about a third of
 them for sentences of other stories. Real text also keeps adding words as it grows (Heaps' law: distinct words ~
@@ -153,7 +153,8 @@ def main():
     stories = seed_stories(args.seed_text)
     r = write_corpus(args.out, size, stories, args.seed)
     print(f"wrote {args.out}: {r['bytes'] / 1e6:,.1f} MB, {r['stories']:,} stories, {r['words']:,} words, "
-          f"{r['new_words']:,} words the seed lacks (seed: distinct = {r['heaps_k']:.2f} * words^{r['heaps_beta']:.3f})")
+          f"{r['new_words']:,} words the seed lacks "
+          f"(seed: distinct = {r['heaps_k']:.2f} * words^{r['heaps_beta']:.3f})")
     if args.stats:
         print("words          distinct   Heaps curve of the seed")
         for n, d in distinct_word_curve(args.out):

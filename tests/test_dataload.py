@@ -235,7 +235,8 @@ def hub_repo(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("TinyStories")
     parts = {"train": make_stories(120, seed=1), "validation": make_stories(12, seed=2),
-             "v2-train": multi_paragraph(make_stories(90, seed=3)), "v2-valid": multi_paragraph(make_stories(9, seed=4))}
+             "v2-train": multi_paragraph(make_stories(90, seed=3)),
+             "v2-valid": multi_paragraph(make_stories(9, seed=4))}
     (folder / "data").mkdir()
     shards = [("train-00000-of-00002-2d5a1467fff1081b", parts["train"][:60]),
               ("train-00001-of-00002-5852b56a2bd28fd9", parts["train"][60:]),
@@ -338,8 +339,8 @@ def test_a_full_disk_is_one_sentence_before_the_work(tmp_path, monkeypatch):
     write_txt(tmp_path / "s.txt", make_stories(50))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
-    with pytest.raises(OSError, match=r"need about .* MB, and the disk holding .*out has 0 MB free; free some space, or "
-                                      r"point data.cache_dir"):
+    with pytest.raises(OSError, match=r"need about .* MB, and the disk holding .*out has 0 MB free; free some "
+                                      r"space, or point data.cache_dir"):
         prepare_data(str(tmp_path / "s.txt"), 50257, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()
