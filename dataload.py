@@ -29,6 +29,10 @@ FILE_TYPES = (".txt", ".jsonl", ".parquet")
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
 PIECE_GROUPS = 8  # sequences new pieces are tokenized in (see add_pieces)
+# A trimmed vocabulary is chosen from token counts over at most about this much text, taken evenly from the whole
+# corpus (see spread_sample): at full TinyStories scale that halves the build, and the 10K most used tokens of
+# 256 MB are those of 2 GB (bench/bench_scale.py measures the coverage).
+COUNT_SAMPLE_BYTES = 256 << 20
 
 
 # ---- tokenizers ----
@@ -604,7 +608,7 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
     if not glob.glob(os.path.join(glob.escape(out_dir), "train-*.bin")):  # a first build: check before counting
         check_free_space(out_dir, text_bytes, np.dtype(open_cache_dtype(vocab_size)).itemsize)
     if tokenizer is None:
-        tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log)
+        tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log, text_bytes)
     else:
         report = {"vocab_size": len(tokenizer)}
     tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
@@ -636,14 +640,26 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
     return tokenizer, splits, report
 
 
-def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int = 1, log=print):
+def spread_sample(stories, stride: int, stats: dict, batch: int = 1000):
+    """Every stride-th batch of `batch` consecutive stories: an even spread over the whole corpus."""
+    for i, story in enumerate(stories):
+        if (i // batch) % stride == 0:
+            stats["counted_stories"] = stats.get("counted_stories", 0) + 1
+            yield story
+
+
+def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int = 1, log=print,
+                      text_bytes: int | None = None):
     """The full GPT-Neo tokenizer for vocab_size 50257, else a trimmed one saved as out_dir/tokenizer.json
-    (reused when built from the same data at the same size)."""
+    (reused when built from the same data at the same size). Tokens are counted in all of a corpus up to
+    COUNT_SAMPLE_BYTES of text (`text_bytes`, None when unknown), else in an even spread of that much."""
     if vocab_size == FULL_VOCAB:
         return gpt_neo_tokenizer(), {"vocab_size": FULL_VOCAB}
     source_key, stories = train_source
     path, meta_path = os.path.join(out_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.meta.json")
-    want = {"source": source_key, "vocab_size": vocab_size, "version": CACHE_VERSION}
+    stride = 1 if text_bytes is None else -(-text_bytes // COUNT_SAMPLE_BYTES)
+    want = {"source": source_key, "vocab_size": vocab_size, "version": CACHE_VERSION,
+            **({"count_stride": stride} if stride > 1 else {})}
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -651,13 +667,18 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int 
             log(f"tokenizer: reusing {path} ({vocab_size} tokens)")
             return tokenizer_from_file(path), meta["report"]
     full = gpt_neo_tokenizer()
-    counts = count_tokens(full, stories({}), workers)
+    sample = {}
+    counts = count_tokens(full, spread_sample(stories({}), stride, sample), workers)
+    if stride > 1:
+        log(f"tokenizer: counted tokens in every {stride}th batch of 1000 stories ({sample['counted_stories']:,} "
+            f"stories, 1/{stride} of the text)")
     tokenizer = trim_tokenizer(full, counts, vocab_size)
     kept = tokenizer.get_vocab()
     kept_mass = sum(counts[i] for t, i in full.get_vocab().items() if t in kept) / max(counts.sum(), 1)
     report = {"vocab_size": vocab_size, "corpus_distinct_tokens": int((counts > 0).sum()),
               "coverage": float(kept_mass), "full_vocab_tokens": int(counts.sum()),
-              "tokens_per_story_full_vocab": float(counts.sum() / max(counts[full.eos_token_id], 1))}
+              "tokens_per_story_full_vocab": float(counts.sum() / max(counts[full.eos_token_id], 1)),
+              "count_stride": stride}
     atomic_save(path, lambda p: tokenizer.backend_tokenizer.save(p))
     write_json(meta_path, {**want, "report": report})
     log(f"tokenizer: wrote {path} ({vocab_size} tokens; {kept_mass:.2%} of the corpus' GPT-Neo tokens keep their token)")

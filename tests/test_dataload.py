@@ -361,3 +361,20 @@ def test_a_full_disk_is_one_sentence_before_the_work(tmp_path, monkeypatch):
         dataload.prepare_data(str(tmp_path / "s.txt"), 50257, str(tmp_path / "out"))
     monkeypatch.undo()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_large_corpus_counts_tokens_in_an_even_spread(tmp_path, full, monkeypatch):
+    import dataload
+    stories = make_stories(5000, seed=5)
+    write_txt(tmp_path / "s.txt", stories)
+    size = os.path.getsize(tmp_path / "s.txt")
+    monkeypatch.setattr(dataload, "COUNT_SAMPLE_BYTES", size // 3)  # the corpus is "4 samples large": every 4th batch
+    said = []
+    tok, _, report = prepare_data(str(tmp_path / "s.txt"), 600, str(tmp_path / "out"), val_fraction=0.5,
+                                  log=said.append)
+    train = stories[0::2]  # val_fraction 0.5 holds out every other story
+    sampled = [s for i, s in enumerate(train) if (i // 1000) % 4 == 0]
+    assert report["count_stride"] == 4 and any("every 4th batch of 1000 stories (1,000 stories" in s for s in said)
+    assert tok.get_vocab() == trim_tokenizer(full, count_tokens(full, sampled), 600).get_vocab()
+    again, _, _ = prepare_data(str(tmp_path / "s.txt"), 600, str(tmp_path / "out"), val_fraction=0.5, log=said.append)
+    assert "reusing" in said[-3] and again.get_vocab() == tok.get_vocab()
