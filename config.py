@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from dataload import HUB_DATASET
+from corpus import HUB_DATASET
 from model import GPTNeoConfig
 
 

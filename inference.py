@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from checkpoint import newest_model
-from dataload import encode_batches, iter_eval_batches, load_tokenizer, non_empty, read_stories
+from corpus import non_empty, read_stories
+from dataload import encode_batches, iter_eval_batches, load_tokenizer
 from model import DECODE_BACKENDS, GPTNeo, check_sampling_args, resolve_pretrained
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"

@@ -14,8 +14,8 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataload import (PARALLEL_BYTES, build_cache, count_tokens, gpt_neo_tokenizer, non_empty, read_stories,  # noqa: E402
-                      resolve_files, trim_tokenizer)
+from corpus import non_empty, read_stories, resolve_files  # noqa: E402
+from dataload import PARALLEL_BYTES, build_cache, count_tokens, gpt_neo_tokenizer, trim_tokenizer  # noqa: E402
 
 SHARED_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinystories_train_*.txt")
 
