@@ -214,8 +214,9 @@ def take_every(stories, fraction: float, want_val: bool, stats: dict):
 
 
 def split_sources(data: str, val_data: str | None, val_fraction: float, hub_files: str | None = None,
-                  streaming: bool = False) -> dict:
-    """split name -> (a description of its source for the cache key, stats -> stream of its stories)."""
+                  streaming: bool = False, memo_dir: str | None = None) -> dict:
+    """split name -> (a description of its source for the cache key, stats -> stream of its stories). memo_dir:
+    where files_digest keeps the digests of local files."""
     files = resolve_files(data)
     if files is None:  # a hub dataset: its own train and validation splits
         if os.path.isdir(data):  # a local copy: keyed by its files, so a changed copy rebuilds
@@ -235,12 +236,12 @@ def split_sources(data: str, val_data: str | None, val_fraction: float, hub_file
         val_files = resolve_files(val_data)
         if val_files is None:
             raise ValueError("data.val_dataset (dataload.py --val_data) must name local files when data.dataset does")
-        return {"train": (files_digest(files), lambda stats: non_empty(read_stories(files), stats)),
-                "val": (files_digest(val_files), lambda stats: non_empty(read_stories(val_files), stats))}
+        return {"train": (files_digest(files, memo_dir), lambda stats: non_empty(read_stories(files), stats)),
+                "val": (files_digest(val_files, memo_dir), lambda stats: non_empty(read_stories(val_files), stats))}
     if not 0 < val_fraction < 1:
         raise ValueError(f"data.val_fraction (dataload.py --val_fraction) must be in (0, 1) when no validation files "
                          f"are given, got {val_fraction}")
-    key = f"{files_digest(files)}:val_fraction={val_fraction}"
+    key = f"{files_digest(files, memo_dir)}:val_fraction={val_fraction}"
     # Empty stories are dropped before the split, so both splits see the same story numbering.
     return {split: (key, lambda stats, v=(split == "val"): take_every(non_empty(read_stories(files), {}), val_fraction, v,
                                                                         stats))
@@ -254,11 +255,28 @@ def folder_signature(folder: str) -> str:
     return hashlib.sha256(repr((os.path.abspath(folder), entries)).encode()).hexdigest()
 
 
-def files_digest(files: list[str]) -> str:
-    h = hashlib.sha256()
+def files_digest(files: list[str], memo_dir: str | None = None) -> str:
+    """sha256 over the files' sha256s. With memo_dir, each file's is kept in memo_dir/file_digests.json under its
+    path, size and modification time, so a start on an unchanged 2 GB corpus does not read it again."""
+    memo_path = os.path.join(memo_dir, "file_digests.json") if memo_dir else None
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (TypeError, OSError, ValueError):
+        memo = {}
+    h, changed = hashlib.sha256(), False
     for path in files:
-        with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        stat, key = os.stat(path), os.path.abspath(path)
+        if memo.get(key, [None])[:2] != [stat.st_size, stat.st_mtime_ns]:
+            with open(path, "rb") as f:
+                memo[key] = [stat.st_size, stat.st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest()]
+            changed = True
+        h.update(bytes.fromhex(memo[key][2]))
+    if changed and memo_path and os.path.isdir(memo_dir):
+        tmp = f"{memo_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, memo_path)
     return h.hexdigest()
 
 

@@ -283,7 +283,7 @@ def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir:
     A given `tokenizer` (a resumed run's) is used as it is, whatever vocab_size says. A failure leaves no folder
     that this call created. hub_files and streaming apply to hub datasets (see hub_stories).
     """
-    sources = split_sources(data, val_data, val_fraction, hub_files, streaming)
+    sources = split_sources(data, val_data, val_fraction, hub_files, streaming, memo_dir=out_dir)
     files = resolve_files(data)
     for path in files or ():
         note_single_story(path, log)

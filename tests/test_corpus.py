@@ -105,3 +105,21 @@ def test_hub_options_fail_clearly(tmp_path, hub_repo):
     assert dataload_main(["--data", str(folder), "--hub_files", "TinyStoriesV2-GPT4", "--streaming", "--vocab_size",
                           "300", "--out", str(tmp_path / "cli")]) is None
 
+
+
+def test_a_start_on_an_unchanged_corpus_does_not_read_it_again(tmp_path, monkeypatch):
+    import hashlib
+
+    import corpus
+    write_txt(tmp_path / "a.txt", make_stories(30))
+    write_txt(tmp_path / "b.txt", make_stories(30, seed=1))
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    (tmp_path / "memo").mkdir()
+    reads = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: reads.append(f.name) or real(f, name))
+    first = corpus.files_digest(files, str(tmp_path / "memo"))
+    assert first == corpus.files_digest(files) and len(reads) == 4  # the same digest as without a memo
+    assert corpus.files_digest(files, str(tmp_path / "memo")) == first and len(reads) == 4  # nothing read again
+    write_txt(tmp_path / "b.txt", make_stories(30, seed=2))  # changed: read again, and a new digest
+    assert corpus.files_digest(files, str(tmp_path / "memo")) != first and reads[-1] == files[1] and len(reads) == 5
