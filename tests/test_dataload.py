@@ -219,23 +219,29 @@ def test_a_killed_build_leaves_nothing_that_passes_as_complete(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
-    write_txt(tmp_path / "s.txt", make_stories(40000))  # big enough to be killed mid-build
+    write_txt(tmp_path / "s.txt", make_stories(3000))
     out = tmp_path / "out"
-    code = ("import sys, dataload; dataload.build_cache = (lambda f: lambda *a, **k: (print('building', flush=True), "
-            "f(*a, **k))[1])(dataload.build_cache); dataload.main(sys.argv[1:])")
+    # the build writes its first batch of tokens, says so, then hangs until it is killed
+    code = ("import sys, time, dataload\n"
+            "real = dataload.encode_batches\n"
+            "def hanging(*a, **k):\n"
+            "    batches = real(*a, **k)\n"
+            "    yield next(batches)\n"
+            "    print('building', flush=True)\n"
+            "    time.sleep(600)\n"
+            "dataload.encode_batches = hanging\n"
+            "dataload.main(sys.argv[1:])\n")
     proc = subprocess.Popen([sys.executable, "-c", code, "--data", str(tmp_path / "s.txt"), "--out", str(out)],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline() == "building\n"
-    time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert glob.glob(str(out / "*.tmp*")) and not glob.glob(str(out / "train-*.bin"))  # half a cache, by its tmp name
     said = []
     _, splits, report = prepare_data(str(tmp_path / "s.txt"), 50257, str(out), log=said.append)
     assert any("removed" in s and "interrupted build" in s for s in said) and not glob.glob(str(out / "*.tmp*"))
-    assert report["train_stories"] + report["val_stories"] == 40000
+    assert report["train_stories"] + report["val_stories"] == 3000
 
 
 def test_a_full_disk_is_one_sentence_before_the_work(tmp_path, monkeypatch):
