@@ -28,8 +28,8 @@ CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: sm
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
 PIECE_GROUPS = 8  # sequences new pieces are tokenized in (see add_pieces)
 # A trimmed vocabulary is chosen from token counts over at most about this much text, taken evenly from the whole
-# corpus (see spread_sample): at full TinyStories scale that halves the build, and the 10K most used tokens of
-# 256 MB are those of 2 GB (bench/bench_scale.py measures the coverage).
+# corpus (see spread_sample): at full TinyStories scale that nearly halves the build (bench/bench_scale.py
+# reports the coverage of the vocabulary chosen that way).
 COUNT_SAMPLE_BYTES = 256 << 20
 
 
@@ -412,7 +412,7 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int 
     sample = {}
     counts = count_tokens(full, spread_sample(stories({}), stride, sample), workers)
     if stride > 1:
-        log(f"tokenizer: counted tokens in every {stride}th batch of 1000 stories ({sample['counted_stories']:,} "
+        log(f"tokenizer: counted tokens in 1 of every {stride} batches of 1000 stories ({sample['counted_stories']:,} "
             f"stories, 1/{stride} of the text)")
     tokenizer = trim_tokenizer(full, counts, vocab_size)
     kept = tokenizer.get_vocab()

@@ -285,7 +285,7 @@ def test_a_large_corpus_counts_tokens_in_an_even_spread(tmp_path, full, monkeypa
                                   log=said.append)
     train = stories[0::2]  # val_fraction 0.5 holds out every other story
     sampled = [s for i, s in enumerate(train) if (i // 1000) % 4 == 0]
-    assert report["count_stride"] == 4 and any("every 4th batch of 1000 stories (1,000 stories" in s for s in said)
+    assert report["count_stride"] == 4 and any("1 of every 4 batches of 1000 stories (1,000 stories" in s for s in said)
     assert tok.get_vocab() == trim_tokenizer(full, count_tokens(full, sampled), 600).get_vocab()
     again, _, _ = prepare_data(str(tmp_path / "s.txt"), 600, str(tmp_path / "out"), val_fraction=0.5, log=said.append)
     assert "reusing" in said[-3] and again.get_vocab() == tok.get_vocab()
