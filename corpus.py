@@ -169,7 +169,7 @@ def hub_stories(location: str, split: str, stats: dict, hub_files: str | None = 
         if not local:
             raise hub_error(location, e) from None
         need = f"{name} (data.hub_files = {hub_files})" if name else f"a {split} split that datasets can find"
-        raise ValueError(f"{location} is read as a copy of a hub dataset (its README.md has a datasets YAML header) "
+        raise ValueError(f"{location} is read as a copy of a hub dataset repository (see corpus.is_hub_repo_folder), "
                          f"but it lacks {need}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
