@@ -3,7 +3,8 @@
     python bench/bench_scale.py --sizes 60MB,600MB,2GB --work /tmp/tinylm-scale
 
 For each size: a fresh `dataload.py --vocab_size 10000` build (wall time, MB/s of text, peak resident memory of
-the whole process tree, disk of the caches, the trimmed vocabulary's coverage). Then train.py on the largest
+the whole process tree, disk of the caches, and the trimmed vocabulary's coverage: the share of GPT-Neo tokens that
+keep their token, in the text it was counted on and in the validation split it never saw). Then train.py on the largest
 cache and on the smallest, taking turns: start-up (launch to the first training step, on a ready cache) and
 tokens/s. Corpora are generated once into --work and reused. Peak memory is sampled from /proc every 50 ms
 (Linux only).
@@ -21,7 +22,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 from make_corpus import parse_size, seed_stories, write_corpus  # noqa: E402
 
 SEED_TEXT = os.path.join(ROOT, "..", "shared", "data", "tinystories_train_*.txt")
@@ -73,6 +74,17 @@ def run_measured(cmd: list[str], on_line=None) -> dict:
     return {"seconds": time.time() - t0, "peak_rss": peak[0], "lines": lines}
 
 
+def held_out_coverage(corpus: str, cache: str) -> float:
+    """Share of the validation split's GPT-Neo tokens that the trimmed vocabulary (counted on train text) keeps."""
+    from corpus import split_sources
+    from dataload import count_tokens, gpt_neo_tokenizer, tokenizer_from_file
+
+    full, kept = gpt_neo_tokenizer(), tokenizer_from_file(os.path.join(cache, "tokenizer.json")).get_vocab()
+    counts = count_tokens(full, split_sources(corpus, None, 0.01)["val"][1]({}))
+    is_kept = np.array([token in kept for token, _ in sorted(full.get_vocab().items(), key=lambda item: item[1])])
+    return float(counts[is_kept].sum() / counts.sum())
+
+
 def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
@@ -83,14 +95,14 @@ def main():
     p.add_argument("--work", default="/tmp/tinylm-scale", help="corpora, caches and runs go here")
     p.add_argument("--vocab_size", type=int, default=10000)
     p.add_argument("--seed_text", default=SEED_TEXT)
-    p.add_argument("--train_steps", type=int, default=40, help="steps per train.py run (0: skip training)")
+    p.add_argument("--train_steps", type=int, default=100, help="steps per train.py run (0: skip training)")
     p.add_argument("--repeats", type=int, default=2, help="train.py runs per corpus, taking turns")
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
     sizes = [(s, parse_size(s)) for s in args.sizes.split(",")]
     stories = None
     print(f"{os.cpu_count()} cores; vocabulary {args.vocab_size} trimmed")
-    print("corpus     MB      build s   MB/s   peak RSS MB   cache MB   tokens        coverage")
+    print("corpus     MB      build s   MB/s   peak RSS MB   cache MB   tokens        coverage counted / held out")
     caches = {}
     for name, size in sizes:
         corpus = os.path.join(args.work, f"ts-{name}.txt")
@@ -109,7 +121,7 @@ def main():
         caches[name] = (corpus, cache, report)
         print(f"{name:<8} {mb:7.0f}  {r['seconds']:9.1f}  {mb / r['seconds']:5.1f}  {r['peak_rss'] / 1e6:11.0f}  "
               f"{folder_bytes(cache) / 1e6:9.0f}   {report['train_tokens'] + report['val_tokens']:>12,}  "
-              f"{report['coverage']:8.2%}", flush=True)
+              f"{report['coverage']:8.3%} / {held_out_coverage(corpus, cache):.3%}", flush=True)
     if args.train_steps <= 0 or len(sizes) < 2:
         return
     print(f"\ntrain.py, config/quickstart.config at vocabulary {args.vocab_size}, {args.train_steps} steps, "
@@ -121,9 +133,12 @@ def main():
             out = os.path.join(args.work, f"run-{name}")
             r = run_measured([sys.executable, "train.py", "--config", "config/quickstart.config",
                               "--set", f"data.dataset={corpus}", "--set", f"data.cache_dir={cache}",
+                              "--set", "data.val_fraction=0.01",  # dataload.py's default, so the caches are reused
                               "--set", f"model.vocab_size={args.vocab_size}", "--set", "train.max_minutes=0",
                               "--set", f"train.max_steps={args.train_steps}", "--set", f"train.out_dir={out}",
                               "--set", f"train.eval_interval={args.train_steps}", "--overwrite"])
+            if not any(line.startswith("train: reusing") for _, line in r["lines"]):
+                sys.exit(f"train.py rebuilt the cache in {cache} instead of reusing it; start-up would not be measured")
             started = next(t for t, line in r["lines"] if line.startswith("# ") and "parameters" in line)
             rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
             tok_s = float(np.median([row["tok_s"] for row in rows if "tok_s" in row][5:]))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataload import (EOT, count_tokens, encode_batches, get_batch, gpt_neo_tokenizer, iter_eval_batches, load_tokenizer,
-                      prepare_data, read_stories, tokenizer_from_file, trim_tokenizer)
+from dataload import (EOT, count_tokens, encode_batches, encode_pieces, get_batch, gpt_neo_tokenizer, iter_eval_batches,
+                      load_tokenizer, prepare_data, read_stories, story_keys, tokenizer_from_file, trim_tokenizer)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ODD_TEXTS = ["Lily saw a 🐶 — “naïve” café!\n\n  Tom said: <3 \x00", "Zyzzyvas quokkas ŋ 日本語のテキスト 🤖🫠",
@@ -196,6 +196,13 @@ def test_piece_cache_encoding_equals_plain_tokenizer(full, trimmed):
         for workers in (1, 2):
             got = np.concatenate(list(encode_batches(tokenizer, texts, batch_size=7, workers=workers)))
             assert got.tolist() == want, (tokenizer is full, workers)
+        # a table of at most 40 pieces keeps dropping its less used half, and the ids stay the same
+        cache, dtype = {}, np.uint32
+        got = [encode_pieces(tokenizer.backend_tokenizer, cache, texts[i:i + 7], dtype, max_cached_pieces=40)
+               for i in range(0, len(texts), 7)]
+        assert np.concatenate(got).tolist() == want
+        assert len(cache["keys"]) < len({key for text in texts for key in story_keys(text)})
+        assert cache["keys"][0] is None and len(cache["index"]) == len(cache["keys"]) == len(cache["lengths"])
 
 
 def test_a_small_corpus_still_holds_out_a_story(tmp_path):
