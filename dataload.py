@@ -140,15 +140,21 @@ def trim_tokenizer(full, counts: np.ndarray, vocab_size: int):
 # " 42", " !"), so text split there tokenizes to exactly the same ids piece by piece. Stories reuse the same
 # few thousand pieces, so each distinct piece is tokenized once; the rest are dictionary lookups.
 PIECE_BOUNDARY = re.compile(r"(?<=\S)(?= \S)")
-# An ASCII story none of whose spaces touches other whitespace (Python's, a superset of the tokenizer's) or an
-# end splits at every space, which str.split does several times faster than the regex.
+# A story none of whose spaces touches other whitespace (Python's, a superset of the tokenizer's) or an end splits
+# at every space, which str.split does several times faster than the regex.
 OTHER_WHITESPACE_TO_NEWLINE = bytes.maketrans(b"\t\r\x0b\x0c\x1c\x1d\x1e\x1f", b"\n" * 8)
+# as UTF-8; with U+180E, U+200B and U+FEFF, which older Unicode tables call spaces
+NON_ASCII_WHITESPACE = tuple(c.encode() for c in map(chr, range(128, 0xFEFF + 1))
+                             if c.isspace() or c in "\u180e\u200b\ufeff")
 
 
 def splits_at_every_space(story: str) -> bool:
-    if not story.isascii() or story.startswith(" ") or story.endswith(" "):
+    if story.startswith(" ") or story.endswith(" "):
         return False
-    text = story.encode().translate(OTHER_WHITESPACE_TO_NEWLINE)  # bytes: C-speed scans
+    text = story.encode()  # bytes: C-speed scans
+    if not story.isascii() and any(space in text for space in NON_ASCII_WHITESPACE):
+        return False  # rare: curly quotes, accents and emoji are not whitespace
+    text = text.translate(OTHER_WHITESPACE_TO_NEWLINE)  # ASCII bytes never occur inside a UTF-8 sequence
     return b"  " not in text and b" \n" not in text and b"\n " not in text
 
 

@@ -123,3 +123,18 @@ def test_a_start_on_an_unchanged_corpus_does_not_read_it_again(tmp_path, monkeyp
     assert corpus.files_digest(files, str(tmp_path / "memo")) == first and len(reads) == 4  # nothing read again
     write_txt(tmp_path / "b.txt", make_stories(30, seed=2))  # changed: read again, and a new digest
     assert corpus.files_digest(files, str(tmp_path / "memo")) != first and reads[-1] == files[1] and len(reads) == 5
+
+
+def test_txt_reading_is_exact_across_chunk_boundaries_and_names_a_bad_byte(tmp_path):
+    from corpus import read_txt
+
+    stories = ["Café “déjà vu” 🙂 said Lily.", "", "Tom ran.\n\nThe end."]
+    path = tmp_path / "s.txt"
+    path.write_text("\n<|endoftext|>\n".join(stories), encoding="utf-8")
+    for chunk_bytes in (1, 3, 7, 1 << 20):  # chunks that cut through the separator and through a 4-byte emoji
+        assert list(read_txt(str(path), chunk_bytes)) == [stories[0] + "\n", "\n\n", "\n" + stories[2]]
+    good = "Once upon a time.\n<|endoftext|>\nTom ran.\n<|endoftext|>\n".encode()
+    path.write_bytes(good + b"Bad \xff here")
+    for chunk_bytes in (3, 1 << 20):
+        with pytest.raises(ValueError, match=f"not valid UTF-8 \\(byte {len(good) + 4}\\)"):
+            list(read_txt(str(path), chunk_bytes))
