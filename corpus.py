@@ -15,6 +15,7 @@ EOT = "<|endoftext|>"
 HUB_DATASET = "roneneldan/TinyStories"
 TINYSTORIES_V2 = "TinyStoriesV2-GPT4"  # data.hub_files value: the hub repo's V2 text files, GPT-4 stories only
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
+HELD_OUT_CHARS = 64 << 20  # validation text a train pass keeps for the validation pass (see take_every)
 
 
 def resolve_files(spec: str) -> list[str] | None:
@@ -200,10 +201,16 @@ def non_empty(stories, stats: dict):
             yield story
 
 
-def take_every(stories, fraction: float, want_val: bool, stats: dict):
+def take_every(stories, fraction: float, want_val: bool, stats: dict, held_out: dict | None = None):
     """Deterministic split: story i goes to validation when floor((i + 1) * f) > floor(i * f), an even spread
     of exactly `fraction` of the stories. When that picks none of two or more stories (a corpus of fewer than
-    1 / f), the last story is held out, so a small corpus still has a validation split."""
+    1 / f), the last story is held out, so a small corpus still has a validation split.
+
+    held_out (train side only): gets the validation stories passed by, in held_out["stories"] while they hold at
+    most HELD_OUT_CHARS of text, and held_out["complete"] = True at the end of a pass that kept them all."""
+    if held_out is not None:
+        held_out.clear()
+        held_out["stories"], kept_chars = [], 0
     stories = iter(stories)
     story, i, any_val = next(stories, None), 0, False
     while story is not None:
@@ -213,7 +220,15 @@ def take_every(stories, fraction: float, want_val: bool, stats: dict):
         if is_val == want_val:
             stats["stories"] = stats.get("stories", 0) + 1
             yield story
+        elif held_out is not None and "stories" in held_out:
+            kept_chars += len(story)
+            if kept_chars <= HELD_OUT_CHARS:
+                held_out["stories"].append(story)
+            else:  # too much to keep: the validation pass reads the corpus again
+                del held_out["stories"]
         story, i = following, i + 1
+    if held_out is not None and "stories" in held_out:
+        held_out["complete"] = True
 
 
 def split_sources(data: str, val_data: str | None, val_fraction: float, hub_files: str | None = None,
@@ -245,10 +260,18 @@ def split_sources(data: str, val_data: str | None, val_fraction: float, hub_file
         raise ValueError(f"data.val_fraction (dataload.py --val_fraction) must be in (0, 1) when no validation files "
                          f"are given, got {val_fraction}")
     key = f"{files_digest(files, memo_dir)}:val_fraction={val_fraction}"
-    # Empty stories are dropped before the split, so both splits see the same story numbering.
-    return {split: (key, lambda stats, v=(split == "val"): take_every(non_empty(read_stories(files), {}), val_fraction, v,
-                                                                        stats))
-            for split in ("train", "val")}
+    held_out = {}  # what a whole train pass went past: then the validation pass need not read the corpus again
+
+    def stories(stats: dict, want_val: bool):
+        if want_val and held_out.get("complete"):
+            kept = held_out.pop("stories")
+            held_out.clear()
+            stats["stories"] = len(kept)
+            return iter(kept)
+        # Empty stories are dropped before the split, so both splits see the same story numbering.
+        return take_every(non_empty(read_stories(files), {}), val_fraction, want_val, stats,
+                          None if want_val else held_out)
+    return {"train": (key, lambda stats: stories(stats, False)), "val": (key, lambda stats: stories(stats, True))}
 
 
 def folder_signature(folder: str) -> str:

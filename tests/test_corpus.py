@@ -1,5 +1,6 @@
 """corpus.py: local files and hub datasets, read offline from folders and caches in the hub's own layout."""
 
+import numpy as np
 import pytest
 
 from dataload import gpt_neo_tokenizer, prepare_data
@@ -138,3 +139,17 @@ def test_txt_reading_is_exact_across_chunk_boundaries_and_names_a_bad_byte(tmp_p
     for chunk_bytes in (3, 1 << 20):
         with pytest.raises(ValueError, match=f"not valid UTF-8 \\(byte {len(good) + 4}\\)"):
             list(read_txt(str(path), chunk_bytes))
+
+
+def test_the_validation_pass_takes_the_stories_the_train_pass_held_out(tmp_path, monkeypatch):
+    import corpus
+
+    write_txt(tmp_path / "s.txt", make_stories(3000, seed=3))
+    reads, read_stories = [], corpus.read_stories
+    monkeypatch.setattr(corpus, "read_stories", lambda files: reads.append(files) or read_stories(files))
+    _, kept, report = prepare_data(str(tmp_path / "s.txt"), 600, str(tmp_path / "kept"), val_fraction=0.05)
+    assert len(reads) == 2 and report["val_stories"] == 150  # counting and the train pass; none for validation
+    monkeypatch.setattr(corpus, "HELD_OUT_CHARS", 1000)  # too little to keep: the validation pass reads the file
+    _, read, _ = prepare_data(str(tmp_path / "s.txt"), 600, str(tmp_path / "read"), val_fraction=0.05)
+    assert len(reads) == 5
+    assert np.array_equal(kept["val"], read["val"]) and np.array_equal(kept["train"], read["train"])
