@@ -3,11 +3,11 @@
     python bench/bench_scale.py --sizes 60MB,600MB,2GB --work /tmp/tinylm-scale
 
 For each size: a fresh `dataload.py --vocab_size 10000` build (wall time, MB/s of text, peak resident memory of
-the whole process tree, disk of the caches, and the trimmed vocabulary's coverage: the share of GPT-Neo tokens that
-keep their token, in the text it was counted on and in the validation split it never saw). Then train.py on the largest
-cache and on the smallest, taking turns: start-up (launch to the first training step, on a ready cache) and
-tokens/s. Corpora are generated once into --work and reused. Peak memory is sampled from /proc every 50 ms
-(Linux only).
+the whole process tree, disk of the caches, and the trimmed vocabulary's coverage: the share of GPT-Neo tokens
+that keep their token, in the text it was counted on and in the validation split it never saw). Then train.py on
+the largest cache and on the smallest, taking turns: start-up (launch to the first training step, on a ready
+cache) and tokens/s. Corpora are generated once into --work and reused. Peak memory is sampled from /proc (Linux
+only) every 0.2 s, so the sampler takes little of the 2 cores it measures.
 """
 
 import argparse
@@ -30,25 +30,18 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tree_rss(root_pid: int) -> int:
-    """Resident bytes of a process and all its descendants."""
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(name))
-            except (OSError, ValueError, IndexError):
-                pass
+    """Resident bytes of a process and all its descendants (found through /proc/PID/task/TID/children)."""
     total, todo = 0, [root_pid]
     while todo:
         pid = todo.pop()
-        todo.extend(children.get(pid, ()))
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * PAGE
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
         except (OSError, ValueError, IndexError):
-            pass
+            pass  # the process ended meanwhile
     return total
 
 
@@ -62,7 +55,7 @@ def run_measured(cmd: list[str], on_line=None) -> dict:
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], tree_rss(proc.pid))
-            time.sleep(0.05)
+            time.sleep(0.2)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     for line in proc.stdout:
@@ -128,7 +121,7 @@ def main():
           "ready cache")
     results = {name: [] for name in (sizes[0][0], sizes[-1][0])}
     for rep in range(args.repeats):
-        for name in results:
+        for name in list(results)[::1 if rep % 2 == 0 else -1]:  # each goes first in turn
             corpus, cache, _ = caches[name]
             out = os.path.join(args.work, f"run-{name}")
             r = run_measured([sys.executable, "train.py", "--config", "config/quickstart.config",
