@@ -160,15 +160,16 @@ def splits_at_every_space(story: str) -> bool:
 
 
 def story_keys(story: str) -> list:
-    """The story as piece-cache keys: (first piece,), then each word w after a boundary space (the piece
-    " " + w), then None for the end-of-text token."""
+    """The story as piece-cache keys: " " + its first piece, then each word w after a boundary space (the piece
+    " " + w), then "" for the end-of-text token. A word never starts with a space and is never empty, so the three
+    kinds of key cannot meet; and with only str keys Python's dict takes its faster str-only lookup."""
     if splits_at_every_space(story):
         words = story.split(" ")
     else:
         pieces = PIECE_BOUNDARY.split(story)
         words = [pieces[0]] + [p[1:] for p in pieces[1:]]
-    words[0] = (words[0],)
-    words.append(None)
+    words[0] = " " + words[0]
+    words.append("")
     return words
 
 
@@ -181,7 +182,7 @@ def encode_pieces(encoder, cache: dict, batch: list[str], dtype, max_cached_piec
     new words (names, typos) that are rarely seen again.
     """
     if not cache:
-        cache.update(index={None: 0}, keys=[None], ids=np.array([encoder.token_to_id(EOT)]), starts=np.array([0]),
+        cache.update(index={"": 0}, keys=[""], ids=np.array([encoder.token_to_id(EOT)]), starts=np.array([0]),
                      lengths=np.array([1]), uses=np.array([0]))
     elif len(cache["keys"]) > max_cached_pieces:
         keep_most_used_pieces(cache, max_cached_pieces // 2)
@@ -217,7 +218,7 @@ def keep_most_used_pieces(cache: dict, keep: int):
 
 def add_pieces(encoder, cache: dict, new: list):
     """Tokenize new piece keys (see story_keys) and append them to the cache's table."""
-    texts = [k[0] if isinstance(k, tuple) else " " + k for k in new]
+    texts = [key[1:] if key.startswith(" ") else " " + key for key in new]  # see story_keys
     # Pieces go in as the words of a few pre-tokenized sequences, not as one sequence each: tokenizers' cost per
     # sequence (and a Python list of ids for each) outweighs tokenizing a short piece. A word is tokenized
     # exactly as it would be alone; word_ids tell which piece each id belongs to. Several sequences keep all

@@ -206,7 +206,7 @@ def test_piece_cache_encoding_equals_plain_tokenizer(full, trimmed):
                for i in range(0, len(texts), 7)]
         assert np.concatenate(got).tolist() == want
         assert len(cache["keys"]) < len({key for text in texts for key in story_keys(text)})
-        assert cache["keys"][0] is None and len(cache["index"]) == len(cache["keys"]) == len(cache["lengths"])
+        assert cache["keys"][0] == "" and len(cache["index"]) == len(cache["keys"]) == len(cache["lengths"])
     # the fast split is taken by stories with curly quotes or emoji, and refused by any that holds Unicode whitespace
     # (a coarse check: only a space touching it matters, as in "\u00a0 \u00a0", which the tokenizer splits otherwise)
     assert splits_at_every_space("“Hi,” she said — naïve café 🙂.") and splits_at_every_space("Zoë ate 🍎 pie")
