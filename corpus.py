@@ -57,12 +57,13 @@ def is_hub_repo_folder(path: str) -> bool:
     return head.startswith("---") and re.search(r"^configs:", head, re.MULTILINE) is not None
 
 
-def split_at_eot(texts):
-    """Stories of a stream of text pieces that, joined, hold stories separated by <|endoftext|>."""
-    pending = ""
+def split_at_eot(texts, separator: str | bytes = EOT):
+    """Stories of a stream of text pieces that, joined, hold stories separated by <|endoftext|> (str, or bytes
+    with separator=EOT.encode())."""
+    pending = separator[:0]
     for text in texts:
         pending += text
-        *stories, pending = pending.split(EOT)
+        *stories, pending = pending.split(separator)
         yield from stories
     yield pending
 
@@ -72,21 +73,18 @@ def read_txt(path: str, chunk_bytes: int = 1 << 20):
 
     The bytes are split before decoding (a UTF-8 sequence never holds an ASCII byte): splitting a decoded chunk
     costs 4x more, since one curly quote makes Python store the whole chunk as UCS-2."""
-    separator, pending, offset = EOT.encode(), b"", 0  # offset: where `pending` starts in the file
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_bytes)
-            pending += chunk
-            *stories, pending = pending.split(separator) if chunk else (pending, b"")
-            for story in stories:
-                try:
-                    yield story.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path} is not valid UTF-8 (byte {offset + e.start}); convert it, e.g. "
-                                     f"iconv -f latin1 -t utf-8") from None
-                offset += len(story) + len(separator)
-            if not chunk:
-                return
+    def chunks():
+        with open(path, "rb") as f:
+            yield from iter(lambda: f.read(chunk_bytes), b"")
+
+    separator, offset = EOT.encode(), 0  # offset: where the story starts in the file
+    for story in split_at_eot(chunks(), separator):
+        try:
+            yield story.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not valid UTF-8 (byte {offset + e.start}); convert it, e.g. "
+                             f"iconv -f latin1 -t utf-8") from None
+        offset += len(story) + len(separator)
 
 
 def read_jsonl(path: str):
@@ -264,7 +262,7 @@ def split_sources(data: str, val_data: str | None, val_fraction: float, hub_file
 
     def stories(stats: dict, want_val: bool):
         if want_val and held_out.get("complete"):
-            kept = held_out.pop("stories")
+            kept = held_out["stories"]
             held_out.clear()
             stats["stories"] = len(kept)
             return iter(kept)
