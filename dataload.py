@@ -452,8 +452,7 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int 
         log(f"tokenizer: counted tokens in 1 of every {stride} batches of 1000 stories ({sample['counted_stories']:,} "
             f"stories, 1/{stride} of the text)")
     tokenizer = trim_tokenizer(full, counts, vocab_size)
-    kept = tokenizer.get_vocab()
-    kept_mass = sum(counts[i] for t, i in full.get_vocab().items() if t in kept) / max(counts.sum(), 1)
+    kept_mass = coverage(full, tokenizer, counts)
     report = {"vocab_size": vocab_size, "corpus_distinct_tokens": int((counts > 0).sum()),
               "coverage": float(kept_mass), "full_vocab_tokens": int(counts.sum()),
               "tokens_per_story_full_vocab": float(counts.sum() / max(counts[full.eos_token_id], 1)),
@@ -462,6 +461,12 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int 
     write_json(meta_path, {**want, "report": report})
     log(f"tokenizer: wrote {path} ({vocab_size} tokens; {kept_mass:.2%} of the corpus' GPT-Neo tokens keep their token)")
     return tokenizer, report
+
+
+def coverage(full, trimmed, counts: np.ndarray) -> float:
+    """Share of the GPT-Neo tokens counted in `counts` (by full's ids) that the trimmed tokenizer keeps."""
+    kept = trimmed.get_vocab()
+    return float(sum(counts[i] for t, i in full.get_vocab().items() if t in kept) / max(counts.sum(), 1))
 
 
 def write_json(path: str, obj):

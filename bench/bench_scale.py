@@ -70,12 +70,11 @@ def run_measured(cmd: list[str], on_line=None) -> dict:
 def held_out_coverage(corpus: str, cache: str) -> float:
     """Share of the validation split's GPT-Neo tokens that the trimmed vocabulary (counted on train text) keeps."""
     from corpus import split_sources
-    from dataload import count_tokens, gpt_neo_tokenizer, tokenizer_from_file
+    from dataload import count_tokens, coverage, gpt_neo_tokenizer, tokenizer_from_file
 
-    full, kept = gpt_neo_tokenizer(), tokenizer_from_file(os.path.join(cache, "tokenizer.json")).get_vocab()
+    full = gpt_neo_tokenizer()
     counts = count_tokens(full, split_sources(corpus, None, 0.01)["val"][1]({}))
-    is_kept = np.array([token in kept for token, _ in sorted(full.get_vocab().items(), key=lambda item: item[1])])
-    return float(counts[is_kept].sum() / counts.sum())
+    return coverage(full, tokenizer_from_file(os.path.join(cache, "tokenizer.json")), counts)
 
 
 def folder_bytes(folder: str) -> int:
