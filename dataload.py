@@ -23,11 +23,11 @@ import numpy as np
 
 from corpus import (EOT, HUB_DATASET, TINYSTORIES_V2, note_single_story, read_stories,  # noqa: F401 (re-exported)
                     resolve_files, split_sources)
+from pieces import encode_batches
 
 FULL_VOCAB = 50257
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
-PIECE_GROUPS = 8  # sequences new pieces are tokenized in (see add_pieces)
 # A trimmed vocabulary is chosen from token counts over at most about this much text, taken evenly from the whole
 # corpus (see spread_sample). On a 2 GB corpus from bench/make_corpus.py, the 10K vocabulary chosen from 64 MB
 # keeps 99.834% of the GPT-Neo tokens of other text of that corpus; from 256 MB, 99.839%, at 4x the counting time.
@@ -136,139 +136,6 @@ def trim_tokenizer(full, counts: np.ndarray, vocab_size: int):
 
 
 # ---- token caches ----
-
-# GPT-2's pre-tokenizer always starts a new piece at a space between two non-space characters (" word",
-# " 42", " !"), so text split there tokenizes to exactly the same ids piece by piece. Stories reuse the same
-# few thousand pieces, so each distinct piece is tokenized once; the rest are dictionary lookups.
-PIECE_BOUNDARY = re.compile(r"(?<=\S)(?= \S)")
-# A story none of whose spaces touches other whitespace (Python's, a superset of the tokenizer's) or an end splits
-# at every space, which str.split does several times faster than the regex.
-OTHER_WHITESPACE_TO_NEWLINE = bytes.maketrans(b"\t\r\x0b\x0c\x1c\x1d\x1e\x1f", b"\n" * 8)
-# as UTF-8; with U+180E, U+200B and U+FEFF, which older Unicode tables call spaces
-NON_ASCII_WHITESPACE = tuple(c.encode() for c in map(chr, range(128, 0xFEFF + 1))
-                             if c.isspace() or c in "\u180e\u200b\ufeff")
-
-
-def splits_at_every_space(story: str) -> bool:
-    if story.startswith(" ") or story.endswith(" "):
-        return False
-    text = story.encode()  # bytes: C-speed scans
-    if not story.isascii() and any(space in text for space in NON_ASCII_WHITESPACE):
-        return False  # rare: curly quotes, accents and emoji are not whitespace
-    text = text.translate(OTHER_WHITESPACE_TO_NEWLINE)  # ASCII bytes never occur inside a UTF-8 sequence
-    return b"  " not in text and b" \n" not in text and b"\n " not in text
-
-
-def story_keys(story: str) -> list:
-    """The story as piece-cache keys: " " + its first piece, then each word w after a boundary space (the piece
-    " " + w), then "" for the end-of-text token. A word never starts with a space and is never empty, so the three
-    kinds of key cannot meet; and with only str keys Python's dict takes its faster str-only lookup."""
-    if splits_at_every_space(story):
-        words = story.split(" ")
-    else:
-        pieces = PIECE_BOUNDARY.split(story)
-        words = [pieces[0]] + [p[1:] for p in pieces[1:]]
-    words[0] = " " + words[0]
-    words.append("")
-    return words
-
-
-def encode_pieces(encoder, cache: dict, batch: list[str], dtype, max_cached_pieces: int = 1 << 18) -> np.ndarray:
-    """Token ids of a batch of stories, each followed by end-of-text; only pieces not in `cache` are encoded.
-
-    `cache` (empty at first) holds the pieces seen so far as rows of a flat table: index[key] = row,
-    ids[starts[row]:starts[row] + lengths[row]] its ids; so assembling a batch is a few numpy gathers. Past
-    max_cached_pieces rows the less used half is dropped, so memory stays flat while real text keeps bringing
-    new words (names, typos) that are rarely seen again.
-    """
-    if not cache:
-        cache.update(index={"": 0}, keys=[""], ids=np.array([encoder.token_to_id(EOT)]), starts=np.array([0]),
-                     lengths=np.array([1]), uses=np.array([0]))
-    elif len(cache["keys"]) > max_cached_pieces:
-        keep_most_used_pieces(cache, max_cached_pieces // 2)
-    index = cache["index"]
-    keys = list(itertools.chain.from_iterable(story_keys(story) for story in batch))
-    # One dictionary lookup per piece; the few misses (-1) are tokenized and looked up again.
-    rows = np.fromiter(map(index.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
-    missing = np.flatnonzero(rows < 0).tolist()
-    if missing:
-        missing_keys = [keys[i] for i in missing]
-        add_pieces(encoder, cache, list(dict.fromkeys(missing_keys)))
-        rows[missing] = [index[k] for k in missing_keys]
-    cache["uses"] += np.bincount(rows, minlength=len(cache["uses"]))
-    lengths = cache["lengths"][rows]
-    ends = np.cumsum(lengths)
-    # position k of the output takes ids[starts[row] + (k - first output position of that row)]
-    offsets = np.repeat(cache["starts"][rows] - (ends - lengths), lengths)
-    return cache["ids"][offsets + np.arange(ends[-1])].astype(dtype)
-
-
-def keep_most_used_pieces(cache: dict, keep: int):
-    """Shrink the piece table to its `keep` most used rows (end-of-text stays row 0)."""
-    uses = cache["uses"].copy()
-    uses[0] = uses.max() + 1
-    kept = np.sort(np.argsort(-uses, kind="stable")[:keep])  # rows to keep, in their old order: row 0 first
-    lengths = cache["lengths"][kept]
-    ends = np.cumsum(lengths)
-    ids = cache["ids"][np.repeat(cache["starts"][kept] - (ends - lengths), lengths) + np.arange(ends[-1])]
-    keys = [cache["keys"][row] for row in kept.tolist()]
-    cache.update(index=dict(zip(keys, range(len(keys)))), keys=keys, ids=ids, starts=ends - lengths,
-                 lengths=lengths, uses=cache["uses"][kept] // 2)  # halved: past use counts less than recent
-
-
-def add_pieces(encoder, cache: dict, new: list):
-    """Tokenize new piece keys (see story_keys) and append them to the cache's table."""
-    texts = [key[1:] if key.startswith(" ") else " " + key for key in new]  # see story_keys
-    # Pieces go in as the words of a few pre-tokenized sequences, not as one sequence each: tokenizers' cost per
-    # sequence (and a Python list of ids for each) outweighs tokenizing a short piece. A word is tokenized
-    # exactly as it would be alone; word_ids tell which piece each id belongs to. Several sequences keep all
-    # cores busy.
-    size = -(-len(texts) // PIECE_GROUPS)
-    groups = [texts[i:i + size] for i in range(0, len(texts), size)]
-    ids, lengths = [], []
-    for group, e in zip(groups, encoder.encode_batch(groups, is_pretokenized=True, add_special_tokens=False)):
-        ids.append(np.array(e.ids, dtype=np.int64))
-        lengths.append(np.bincount(np.array(e.word_ids, dtype=np.int64), minlength=len(group)))
-    ids, lengths = np.concatenate(ids), np.concatenate(lengths)
-    starts = len(cache["ids"]) + np.cumsum(lengths) - lengths
-    cache["index"].update(zip(new, range(len(cache["keys"]), len(cache["keys"]) + len(new))))
-    cache["keys"].extend(new)
-    cache["ids"] = np.concatenate([cache["ids"], ids])
-    cache["starts"] = np.concatenate([cache["starts"], starts])
-    cache["lengths"] = np.concatenate([cache["lengths"], lengths])
-    cache["uses"] = np.concatenate([cache["uses"], np.zeros(len(new), dtype=np.int64)])
-
-
-def encode_batches(tokenizer, stories, batch_size: int = 1000, workers: int = 1):
-    """Token ids (np array) per batch of stories, in order. With workers > 1, batches are spread over that
-    many processes; with one, tokenizers' Rust encoder still spreads each batch's new pieces over all cores."""
-    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
-    batches = iter(lambda it=iter(stories): list(itertools.islice(it, batch_size)), [])
-    if workers <= 1:
-        encoder, cache = tokenizer.backend_tokenizer, {}
-        yield from (encode_pieces(encoder, cache, batch, dtype) for batch in batches)
-        return
-    import multiprocessing
-
-    # spawn, not fork: a forked copy of a tokenizer that already ran its thread pool can deadlock.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=start_worker, initargs=(tokenizer.backend_tokenizer.to_str(), dtype)) as pool:
-        yield from pool.imap(encode_in_worker, batches)
-
-
-WORKER = {}  # per worker process: its tokenizer and piece cache
-
-
-def start_worker(tokenizer_json: str, dtype):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes already use every core
-    from tokenizers import Tokenizer
-
-    WORKER.update(encoder=Tokenizer.from_str(tokenizer_json), cache={}, dtype=dtype)
-
-
-def encode_in_worker(batch: list[str]) -> np.ndarray:
-    return encode_pieces(WORKER["encoder"], WORKER["cache"], batch, WORKER["dtype"])
-
 
 def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing", workers: int = 1) -> int:
     """Tokenize stories into a flat uint16/uint32 file at `path`, written under a temporary name and renamed

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataload import (EOT, count_tokens, encode_batches, encode_pieces, get_batch, gpt_neo_tokenizer, iter_eval_batches,
-                      load_tokenizer, prepare_data, read_stories, splits_at_every_space, story_keys, tokenizer_from_file,
-                      trim_tokenizer)
+from dataload import (EOT, count_tokens, get_batch, gpt_neo_tokenizer, iter_eval_batches, load_tokenizer, prepare_data,
+                      read_stories, tokenizer_from_file, trim_tokenizer)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ODD_TEXTS = ["Lily saw a 🐶 — “naïve” café!\n\n  Tom said: <3 \x00", "Zyzzyvas quokkas ŋ 日本語のテキスト 🤖🫠",
@@ -183,34 +182,6 @@ def test_real_tinystories_sample_round_trips(full):
     tok = trim_tokenizer(full, count_tokens(full, [s.strip() for s in stories if s.strip()]), 4000)
     for story in stories:
         assert tok.decode(tok.encode(story)) == story
-
-
-def test_piece_cache_encoding_equals_plain_tokenizer(full, trimmed):
-    tok, stories = trimmed
-    tricky = ["a  b", "a \n b", "a  \nb", " lead", "trail ", "x\t y", "  ", "it's  'tis 42 3.14 ...!? ",
-              "a\u3000b c\u00a0d", "e\x85 f", "end<|endoftext|> start", "déjà vu 🙂 🙂🙂 x",
-              # ASCII stories take a str.split fast path unless a space touches whitespace or an end
-              "x y z.", "\nstart x", "a   b", "x\n  y", "p\t\t  q", "x y\n", "a\x1c b", "a \x1fb", "a\rb c", "a b\x0b c", "a\tb c d", "a b \t",
-              # and so do other stories unless a space touches Unicode whitespace
-              "“Hi,” she said — naïve café 🙂.", "x \u00a0y", "a\u2003 b", "a \u180e b", "z\u3000 q", "“ q ”",
-              "ü \u200b ü", "x\u00a0 \u00a0y", "é\u3000 \u2003é"]
-    texts = ODD_TEXTS + tricky + stories[:50]
-    for tokenizer in (full, tok):
-        want = [i for t in texts for i in tokenizer.encode(t) + [tokenizer.eos_token_id]]
-        for workers in (1, 2):
-            got = np.concatenate(list(encode_batches(tokenizer, texts, batch_size=7, workers=workers)))
-            assert got.tolist() == want, (tokenizer is full, workers)
-        # a table of at most 40 pieces keeps dropping its less used half, and the ids stay the same
-        cache, dtype = {}, np.uint32
-        got = [encode_pieces(tokenizer.backend_tokenizer, cache, texts[i:i + 7], dtype, max_cached_pieces=40)
-               for i in range(0, len(texts), 7)]
-        assert np.concatenate(got).tolist() == want
-        assert len(cache["keys"]) < len({key for text in texts for key in story_keys(text)})
-        assert cache["keys"][0] == "" and len(cache["index"]) == len(cache["keys"]) == len(cache["lengths"])
-    # the fast split is taken by stories with curly quotes or emoji, and refused by any that holds Unicode whitespace
-    # (a coarse check: only a space touching it matters, as in "\u00a0 \u00a0", which the tokenizer splits otherwise)
-    assert splits_at_every_space("“Hi,” she said — naïve café 🙂.") and splits_at_every_space("Zoë ate 🍎 pie")
-    assert not any(map(splits_at_every_space, ["x\u00a0 \u00a0y", "é\u3000 q", "a \u180eb", "x\n y", "a  b"]))
 
 
 def test_a_small_corpus_still_holds_out_a_story(tmp_path):
