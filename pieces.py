@@ -62,7 +62,9 @@ def piece_hashes(table: dict, blob: np.ndarray, starts: np.ndarray, lengths: np.
         table["powers"] = np.multiply.accumulate(np.append(np.uint64(1), np.full(2 * lengths.max(), HASH_BASE)))
     if not len(blob):
         return np.zeros(0, dtype=np.uint64)
-    return np.add.reduceat((blob + np.uint64(1)) * table["powers"][offsets], starts)
+    weights = table["powers"][offsets]
+    weights *= blob + np.uint8(1)  # no 0xFF byte in UTF-8, so byte + 1 fits
+    return np.add.reduceat(weights, starts)
 
 
 # ---- the piece table: rows of ids and bytes, found by hash through open addressing ----
@@ -132,8 +134,9 @@ def keep_most_used_rows(table: dict, keep: int):
     ids, id_starts = gather_runs(table["ids"], table["id_starts"][kept], table["id_lengths"][kept])
     byte_lengths = table["byte_lengths"][kept]
     stored, byte_starts = gather_runs(table["bytes"], table["byte_starts"][kept], np.maximum(byte_lengths, 0))
-    table.update(ids=ids, id_starts=id_starts, id_lengths=table["id_lengths"][kept], bytes=np.append(stored, 0),
-                 byte_starts=byte_starts, byte_lengths=byte_lengths, hashes=table["hashes"][kept],
+    table.update(ids=ids, id_starts=id_starts, id_lengths=table["id_lengths"][kept],
+                 bytes=np.append(stored, np.uint8(0)), byte_starts=byte_starts, byte_lengths=byte_lengths,
+                 hashes=table["hashes"][kept],
                  uses=table["uses"][kept] // 2)  # halved: past use counts less than recent
     table["slots"][:] = -1
     fill_slots(table, np.arange(1, len(kept)))
@@ -188,12 +191,16 @@ def encode_pieces(encoder, table: dict, batch: list[str], dtype, max_cached_piec
     story_starts = np.append(0, story_ends[:-1])
     starts = piece_starts(blob, story_starts, story_ends)
     lengths = np.diff(starts, append=len(blob))
-    offsets = np.arange(len(blob)) - np.repeat(starts, lengths)  # each byte's place in its piece
+    # per-byte arrays: int32 where it suffices, as they are the bulk of the memory of a batch
+    index = np.int32 if max(len(blob), len(table["bytes"])) < 1 << 31 else np.int64
+    offsets = np.arange(len(blob), dtype=index) - np.repeat(starts.astype(index), lengths)  # place in its piece
     hashes = piece_hashes(table, blob, starts, lengths, offsets)
     rows = find_rows(table, hashes)
     # a found row must hold the same bytes (np.take clips where a row of another length would run past the end)
     same = table["byte_lengths"][rows] == lengths
-    stored = np.take(table["bytes"], np.repeat(table["byte_starts"][rows], lengths) + offsets, mode="clip")
+    stored_at = np.repeat(table["byte_starts"][rows].astype(index), lengths)
+    stored_at += offsets
+    stored = np.take(table["bytes"], stored_at, mode="clip")
     same[np.searchsorted(starts, np.flatnonzero(stored != blob), "right") - 1] = False
     missing = np.flatnonzero((rows < 0) | ~same)
     if missing.size:

@@ -28,7 +28,7 @@ def plain(tokenizer, texts):
 
 def check_table(table):
     """Row 0 is end-of-text, and every other row is found by its hash."""
-    assert table["byte_lengths"][0] == -1 and table["id_lengths"][0] == 1
+    assert table["byte_lengths"][0] == -1 and table["id_lengths"][0] == 1 and table["bytes"].dtype == np.uint8
     rows = np.arange(1, len(table["hashes"]))
     assert find_rows(table, table["hashes"][rows]).tolist() == rows.tolist()
     assert 3 * len(table["hashes"]) <= len(table["slots"])
