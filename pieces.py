@@ -1,4 +1,4 @@
-"""Tokenizing a corpus fast: stories reuse the same pieces (" the", " dog", ".\\n\\nOnce"), so each distinct piece
+"""Tokenizing a corpus fast: stories reuse the same pieces (" the", " dog.", "\\n\\nOnce"), so each distinct piece
 is tokenized once and the rest are lookups in a table of the pieces seen so far, done with numpy on the stories'
 UTF-8 bytes. The ids are exactly those of the tokenizer itself (tests/test_pieces.py); on 2 cores a 2 GB corpus
 tokenizes at about twice the speed of a Python dictionary of pieces.
@@ -15,13 +15,17 @@ import numpy as np
 EOT = "<|endoftext|>"
 PIECE_GROUPS = 8  # sequences new pieces are tokenized in (see add_pieces)
 
-# GPT-2's pre-tokenizer always starts a new piece at a space between two non-whitespace characters (" word",
-# " 42", " !"), so text cut there tokenizes to exactly the same ids piece by piece. Cutting at fewer places is
-# also exact, only with longer pieces: so "whitespace" here is a superset of the tokenizer's \s. ASCII: Python's.
+# GPT-2's pre-tokenizer (a regex) never joins a non-whitespace character to the whitespace after it, and splits
+# a whitespace run looking only at the run and the character after it. So text cut before every whitespace run that
+# follows a non-whitespace character ("Once", " upon", "\n\nThe") tokenizes to exactly the same ids piece by
+# piece. A cut needs whitespace after it and none before it, by the tokenizer's \s (Unicode White_Space):
+# TOKENIZER_WHITESPACE is sure to be \s; WHITESPACE holds all that might be (Python's, a superset).
+TOKENIZER_WHITESPACE = np.zeros(256, dtype=bool)
+TOKENIZER_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 ASCII_WHITESPACE = np.zeros(256, dtype=bool)
 ASCII_WHITESPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
-# Non-ASCII: Python's, with U+180E, U+200B and U+FEFF, which older Unicode tables call spaces. A story holding one
-# is cut only at spaces between two ASCII non-whitespace bytes (rare: curly quotes and accents are no whitespace).
+# Non-ASCII: Python's, with U+180E, U+200B and U+FEFF, which older Unicode tables call spaces. In a story holding
+# one, no cut follows a non-ASCII character (rare: curly quotes and accents are no whitespace).
 NON_ASCII_WHITESPACE = tuple(c.encode() for c in map(chr, range(128, 0xFEFF + 1))
                              if c.isspace() or c in "\u180e\u200b\ufeff")
 assert all(2 <= len(c) <= 3 for c in NON_ASCII_WHITESPACE)
@@ -43,16 +47,14 @@ def non_ascii_whitespace(blob: np.ndarray) -> np.ndarray:
 
 
 def piece_starts(blob: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Where the pieces of the stories blob[starts[i]:ends[i]] (joined) start: at each story's first byte and at
-    every space between two non-whitespace bytes of the same story."""
+    """Where the pieces of the stories blob[starts[i]:ends[i]] (joined) start: at each story's first byte and
+    before each whitespace run that follows a non-whitespace byte. A piece is whitespace, then non-whitespace."""
     whitespace = ASCII_WHITESPACE[blob]
     for story in np.unique(np.searchsorted(starts, non_ascii_whitespace(blob), "right") - 1).tolist():
         whitespace[starts[story]:ends[story]] |= blob[starts[story]:ends[story]] >= 0x80
     cut = np.zeros(len(blob), dtype=bool)
-    cut[1:-1] = (blob[1:-1] == 32) & ~whitespace[:-2] & ~whitespace[2:]
-    stories = ends > starts
-    cut[ends[stories] - 1] = False  # its next byte is the next story's
-    cut[starts[stories]] = True
+    cut[1:] = TOKENIZER_WHITESPACE[blob[1:]] & ~whitespace[:-1]
+    cut[starts[ends > starts]] = True
     return np.flatnonzero(cut)
 
 

@@ -87,7 +87,7 @@ def test_hash_collisions_cost_time_not_correctness(full, monkeypatch):
     check_table(table)
 
 
-def test_pieces_are_cut_at_spaces_between_non_whitespace():
+def test_pieces_are_cut_before_whitespace_that_follows_non_whitespace():
     def pieces_of(stories):
         encoded = [s.encode() for s in stories]
         blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -96,9 +96,11 @@ def test_pieces_are_cut_at_spaces_between_non_whitespace():
         cuts = piece_starts(blob, starts, ends).tolist() + [len(blob)]
         return [bytes(blob[a:b]).decode() for a, b in zip(cuts, cuts[1:])]
 
-    # (a space ending a story is not cut off: the next byte is another story's)
-    assert pieces_of(["x y ", "Once upon  a\ttime. The end"]) == ["x", " y ", "Once", " upon  a\ttime.", " The", " end"]
-    # a story with Unicode whitespace is cut only between ASCII characters
+    assert pieces_of(["x y ", "Once upon  a\ttime. The end.\n\nOne"]) == ["x", " y", " ", "Once", " upon", "  a",
+                                                                         "\ttime.", " The", " end.", "\n\nOne"]
+    # \x1c-\x1f are whitespace to Python, not to the tokenizer: no cut before them, nor after
+    assert pieces_of(["a.\x1c b", "a \x1fb"]) == ["a.\x1c b", "a", " \x1fb"]
+    # in a story with Unicode whitespace, no cut follows a non-ASCII character
     assert pieces_of(["“Hi” said Zoë a\u00a0 b c", "“Hi” said Zoë"]) == ["“Hi” said", " Zoë a\u00a0 b", " c",
                                                                         "“Hi”", " said", " Zoë"]
 
