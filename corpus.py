@@ -94,9 +94,17 @@ def read_jsonl(path: str):
                 continue
             try:
                 row = json.loads(line)
-                yield row["text"]
+                text = row["text"]
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path} line {n}: expected a JSON object with a 'text' field ({e})") from None
+            if b"\\ud" in line.lower() and isinstance(text, str):  # a \ud800-\udfff escape: half of a UTF-16 pair
+                try:
+                    text.encode()
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{path} line {n}: the text holds a lone UTF-16 surrogate "
+                                     f"({ascii(e.object[e.start])}), which is no character; remove it or write the "
+                                     "whole pair") from None
+            yield text
 
 
 def read_parquet(path: str):

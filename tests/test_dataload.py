@@ -153,6 +153,10 @@ def test_bad_requests_fail_clearly(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"story": "no text field"}\n')
     with pytest.raises(ValueError, match="line 1.*'text'"):
         prepare_data(str(tmp_path / "rows.jsonl"), 50257, str(tmp_path / "out"))
+    # JSON may escape half of a UTF-16 pair, which no UTF-8 text can hold; a whole pair is an emoji
+    (tmp_path / "pairs.jsonl").write_text('{"text": "A \\ud83d\\ude00 pair."}\n{"text": "A lone \\ud83d half."}\n' * 3)
+    with pytest.raises(ValueError, match=r"pairs.jsonl line 2: the text holds a lone UTF-16 surrogate \('\\ud83d'\)"):
+        prepare_data(str(tmp_path / "pairs.jsonl"), 50257, str(tmp_path / "out"))
     write_txt(tmp_path / "one.txt", make_stories(1))
     with pytest.raises(ValueError, match="val split .* has no stories; it needs at least two stories .*data.val_dataset"):
         prepare_data(str(tmp_path / "one.txt"), 50257, str(tmp_path / "new" / "out"))
