@@ -4,6 +4,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # Tests never touch the network: the hub is treated as offline before anything imports huggingface_hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 # ...and they neither read nor fill the user's Hugging Face caches: a fresh HF_HOME per session.
@@ -45,3 +47,21 @@ def hub_cache_snapshot(cache_dir, repo_id: str, files: dict, repo_type: str = "m
     with open(os.path.join(root, "refs", "main"), "w") as f:
         f.write(commit)
     return snapshot
+
+
+@pytest.fixture(scope="session")
+def full():
+    """The GPT-Neo tokenizer (50257 tokens); tests only read it."""
+    from dataload import gpt_neo_tokenizer
+
+    return gpt_neo_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def trimmed(full):
+    """A 1000-token tokenizer trimmed on 300 generated stories, and the stories."""
+    from dataload import count_tokens, trim_tokenizer
+    from test_dataload import make_stories
+
+    stories = make_stories(300)
+    return trim_tokenizer(full, count_tokens(full, stories), 1000), stories

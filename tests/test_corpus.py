@@ -3,13 +3,8 @@
 import numpy as np
 import pytest
 
-from dataload import gpt_neo_tokenizer, prepare_data
+from dataload import prepare_data
 from test_dataload import make_stories, write_txt
-
-
-@pytest.fixture(scope="module")
-def full():
-    return gpt_neo_tokenizer()
 
 
 HUB_README = {  # roneneldan/TinyStories' card: metadata, with or without the configs block that names the splits

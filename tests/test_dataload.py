@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataload import (EOT, count_tokens, get_batch, gpt_neo_tokenizer, iter_eval_batches, load_tokenizer, prepare_data,
-                      read_stories, tokenizer_from_file, trim_tokenizer)
+from dataload import (EOT, count_tokens, get_batch, iter_eval_batches, load_tokenizer, prepare_data, read_stories,
+                      tokenizer_from_file, trim_tokenizer)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ODD_TEXTS = ["Lily saw a 🐶 — “naïve” café!\n\n  Tom said: <3 \x00", "Zyzzyvas quokkas ŋ 日本語のテキスト 🤖🫠",
@@ -29,17 +29,6 @@ def make_stories(n: int, seed: int = 0) -> list[str]:
 def write_txt(path, stories):
     path.write_text("".join(f"{s}\n{EOT}\n" for s in stories), encoding="utf-8")
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def full():
-    return gpt_neo_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def trimmed(full):
-    stories = make_stories(300)
-    return trim_tokenizer(full, count_tokens(full, stories), 1000), stories
 
 
 def test_gpt_neo_tokenizer_is_complete_and_lossless(tmp_path, full):

@@ -3,23 +3,10 @@
 import random
 
 import numpy as np
-import pytest
 
 import pieces
-from dataload import count_tokens, gpt_neo_tokenizer, trim_tokenizer
 from pieces import NON_ASCII_WHITESPACE, encode_batches, encode_pieces, find_rows, non_ascii_whitespace, piece_starts
-from test_dataload import ODD_TEXTS, make_stories
-
-
-@pytest.fixture(scope="module")
-def full():
-    return gpt_neo_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def trimmed(full):
-    stories = make_stories(300)
-    return trim_tokenizer(full, count_tokens(full, stories), 1000), stories
+from test_dataload import ODD_TEXTS
 
 
 def plain(tokenizer, texts):
