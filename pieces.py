@@ -32,7 +32,10 @@ assert all(2 <= len(c) <= 3 for c in NON_ASCII_WHITESPACE)
 # each as a 3-byte big-endian number (2-byte ones with a 0 third byte, matched with the third byte masked off)
 WHITESPACE_CODES = np.array([int.from_bytes(c.ljust(3, b"\0"), "big") for c in NON_ASCII_WHITESPACE])
 
-HASH_BASE = np.uint64(0x100000001B3)  # piece hash: sum of (byte + 1) * HASH_BASE**position, mod 2**64
+# A piece's hash: the sum of (byte + 1) * HASH_BASE**(position % 4096), mod 2**64. Weights that repeat past 4096
+# bytes can only make pieces that long collide, which costs time, never a wrong id; and the table stays 32 KB.
+HASH_BASE = np.uint64(0x100000001B3)
+HASH_POWERS = np.multiply.accumulate(np.append(np.uint64(1), np.full(4095, HASH_BASE)))
 FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # spreads hashes over the slots (Knuth's multiplicative hashing)
 
 
@@ -58,13 +61,11 @@ def piece_starts(blob: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     return np.flatnonzero(cut)
 
 
-def piece_hashes(table: dict, blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray, offsets: np.ndarray):
-    """64-bit hash of each piece blob[starts[i]:starts[i] + lengths[i]]; offsets: each byte's place in its piece."""
-    if len(table["powers"]) < lengths.max(initial=0):
-        table["powers"] = np.multiply.accumulate(np.append(np.uint64(1), np.full(2 * lengths.max(), HASH_BASE)))
+def piece_hashes(blob: np.ndarray, starts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """64-bit hash of each piece of blob, given where they start and each byte's place in its piece."""
     if not len(blob):
         return np.zeros(0, dtype=np.uint64)
-    weights = table["powers"][offsets]
+    weights = HASH_POWERS[offsets & (len(HASH_POWERS) - 1)]
     weights *= blob + np.uint8(1)  # no 0xFF byte in UTF-8, so byte + 1 fits
     return np.add.reduceat(weights, starts)
 
@@ -76,7 +77,7 @@ def new_table(encoder) -> dict:
     return dict(slots=np.full(1 << 12, -1, dtype=np.int32), hashes=np.array([0], dtype=np.uint64),
                 ids=np.array([encoder.token_to_id(EOT)]), id_starts=np.array([0]), id_lengths=np.array([1]),
                 bytes=np.zeros(1, dtype=np.uint8), byte_starts=np.array([0]), byte_lengths=np.array([-1]),
-                uses=np.array([0]), powers=np.ones(1, dtype=np.uint64))
+                uses=np.array([0]))
 
 
 def home_slots(table: dict, hashes: np.ndarray) -> np.ndarray:
@@ -196,7 +197,7 @@ def encode_pieces(encoder, table: dict, batch: list[str], dtype, max_cached_piec
     # per-byte arrays: int32 where it suffices, as they are the bulk of the memory of a batch
     index = np.int32 if max(len(blob), len(table["bytes"])) < 1 << 31 else np.int64
     offsets = np.arange(len(blob), dtype=index) - np.repeat(starts.astype(index), lengths)  # place in its piece
-    hashes = piece_hashes(table, blob, starts, lengths, offsets)
+    hashes = piece_hashes(blob, starts, offsets)
     rows = find_rows(table, hashes)
     # a found row must hold the same bytes (np.take clips where a row of another length would run past the end)
     same = table["byte_lengths"][rows] == lengths

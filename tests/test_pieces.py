@@ -55,9 +55,8 @@ def test_random_text_equals_plain_tokenizer(full):
     check_table(table)
 
 
-def test_hash_collisions_cost_time_not_correctness(full, monkeypatch):
-    # with base 1 a piece's hash is the sum of its bytes: anagrams collide, found rows hold other bytes
-    monkeypatch.setattr(pieces, "HASH_BASE", np.uint64(1))
+def encode_counting_direct(full, monkeypatch, batches):
+    """Each batch's ids through one table, checked against the plain tokenizer; the batches encoded directly."""
     direct, encode_directly = [], pieces.encode_directly
 
     def counted(encoder, batch, dtype):
@@ -65,13 +64,26 @@ def test_hash_collisions_cost_time_not_correctness(full, monkeypatch):
         return encode_directly(encoder, batch, dtype)
 
     monkeypatch.setattr(pieces, "encode_directly", counted)
-    table, encoder = {}, full.backend_tokenizer
-    batches = [["a stop and a pot"], ["a pots and a top"], ["stop pots tops opts"], ["a stop and a pot."]]
+    table = {}
     for batch in batches:
-        assert encode_pieces(encoder, table, batch, np.uint16).tolist() == plain(full, batch)
-    # the second batch's " pots" matches " stop"'s hash and length, the third holds three of the same hash
-    assert direct == batches[1:3]
+        assert encode_pieces(full.backend_tokenizer, table, batch, np.uint16).tolist() == plain(full, batch)
     check_table(table)
+    return direct
+
+
+def test_hash_collisions_cost_time_not_correctness(full, monkeypatch):
+    # with base 1 a piece's hash is the sum of its bytes: anagrams collide, found rows hold other bytes
+    monkeypatch.setattr(pieces, "HASH_POWERS", np.ones(4096, dtype=np.uint64))
+    batches = [["a stop and a pot"], ["a pots and a top"], ["stop pots tops opts"], ["a stop and a pot."]]
+    # the second batch's " pots" matches " stop"'s hash and length, the third holds three of the same hash
+    assert encode_counting_direct(full, monkeypatch, batches) == batches[1:3]
+
+
+def test_pieces_longer_than_the_hash_weights_stay_exact(full, monkeypatch):
+    # weights repeat every 4096 bytes: swapping the bytes at 0 and 4096 keeps the hash of the real HASH_BASE
+    first, second = "Once " + "a" + "x" * 4095 + "b", "Once " + "b" + "x" * 4095 + "a"
+    batches = [[first], [second], [first, "The end."]]
+    assert encode_counting_direct(full, monkeypatch, batches) == [[second]]
 
 
 def test_pieces_are_cut_before_whitespace_that_follows_non_whitespace():
