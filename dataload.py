@@ -23,7 +23,7 @@ import numpy as np
 
 from corpus import (EOT, HUB_DATASET, TINYSTORIES_V2, note_single_story, read_stories,  # noqa: F401 (re-exported)
                     resolve_files, split_sources)
-from pieces import encode_batches
+from pieces import encode_batches, ids_dtype
 
 FULL_VOCAB = 50257
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
@@ -163,12 +163,8 @@ def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing", workers
     return n
 
 
-def open_cache_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
 def open_cache(path: str, vocab_size: int) -> np.memmap:
-    tokens = np.memmap(path, dtype=open_cache_dtype(vocab_size), mode="r")
+    tokens = np.memmap(path, dtype=ids_dtype(vocab_size), mode="r")
     # Training reads random windows of half a KB: the kernel's readahead would read 128 KB around each (and keep
     # it resident), which on a cache larger than memory or on a cold disk multiplies the I/O.
     mapping = getattr(tokens, "_mmap", None)
@@ -252,7 +248,7 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
     """prepare_data's work, inside the folder it made."""
     remove_abandoned_files(out_dir, log)
     if not glob.glob(os.path.join(glob.escape(out_dir), "train-*.bin")):  # a first build: check before counting
-        check_free_space(out_dir, text_bytes, np.dtype(open_cache_dtype(vocab_size)).itemsize)
+        check_free_space(out_dir, text_bytes, np.dtype(ids_dtype(vocab_size)).itemsize)
     if tokenizer is None:
         tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log, text_bytes)
     else:
@@ -268,7 +264,7 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
             log(f"{split}: reusing {path} ({meta['tokens']:,} tokens, {meta['stories']:,} stories)")
         else:
             check_free_space(out_dir, text_bytes and (text_bytes if split == "train" else text_bytes // 10),
-                             np.dtype(open_cache_dtype(len(tokenizer))).itemsize)
+                             np.dtype(ids_dtype(len(tokenizer))).itemsize)
             stats = {}
             n = build_cache(path, tokenizer, stories(stats), desc=f"tokenizing {split}", workers=workers)
             meta = {"tokens": n, "stories": stats.get("stories", 0), "skipped_empty": stats.get("skipped_empty", 0),

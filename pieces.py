@@ -12,14 +12,15 @@ import os
 
 import numpy as np
 
-EOT = "<|endoftext|>"
+from corpus import EOT
+
 PIECE_GROUPS = 8  # sequences new pieces are tokenized in (see add_pieces)
 
 # GPT-2's pre-tokenizer (a regex) never joins a non-whitespace character to the whitespace after it, and splits
 # a whitespace run looking only at the run and the character after it. So text cut before every whitespace run that
 # follows a non-whitespace character ("Once", " upon", "\n\nThe") tokenizes to exactly the same ids piece by
 # piece. A cut needs whitespace after it and none before it, by the tokenizer's \s (Unicode White_Space):
-# TOKENIZER_WHITESPACE is sure to be \s; WHITESPACE holds all that might be (Python's, a superset).
+# TOKENIZER_WHITESPACE is sure to be \s; ASCII_WHITESPACE holds all that might be (Python's, a superset).
 TOKENIZER_WHITESPACE = np.zeros(256, dtype=bool)
 TOKENIZER_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 ASCII_WHITESPACE = np.zeros(256, dtype=bool)
@@ -73,7 +74,8 @@ def piece_hashes(blob: np.ndarray, starts: np.ndarray, offsets: np.ndarray) -> n
 # ---- the piece table: rows of ids and bytes, found by hash through open addressing ----
 
 def new_table(encoder) -> dict:
-    """A table holding end-of-text as row 0 (no bytes: no piece has its hash's key)."""
+    """A table holding end-of-text as row 0 (byte length -1: no piece matches it), and one pad byte so that
+    np.take always has bytes to clip to."""
     return dict(slots=np.full(1 << 12, -1, dtype=np.int32), hashes=np.array([0], dtype=np.uint64),
                 ids=np.array([encoder.token_to_id(EOT)]), id_starts=np.array([0]), id_lengths=np.array([1]),
                 bytes=np.zeros(1, dtype=np.uint8), byte_starts=np.array([0]), byte_lengths=np.array([-1]),
@@ -138,7 +140,8 @@ def keep_most_used_rows(table: dict, keep: int):
     byte_lengths = table["byte_lengths"][kept]
     stored, byte_starts = gather_runs(table["bytes"], table["byte_starts"][kept], np.maximum(byte_lengths, 0))
     table.update(ids=ids, id_starts=id_starts, id_lengths=table["id_lengths"][kept],
-                 bytes=np.append(stored, np.uint8(0)), byte_starts=byte_starts, byte_lengths=byte_lengths,
+                 bytes=np.append(stored, np.uint8(0)),  # and the pad byte (see new_table)
+                 byte_starts=byte_starts, byte_lengths=byte_lengths,
                  hashes=table["hashes"][kept],
                  uses=table["uses"][kept] // 2)  # halved: past use counts less than recent
     table["slots"][:] = -1
@@ -147,7 +150,7 @@ def keep_most_used_rows(table: dict, keep: int):
 
 def add_pieces(encoder, table: dict, pieces: list[bytes], hashes: np.ndarray):
     """Tokenize new distinct pieces and append them to the table as rows."""
-    texts = [piece.decode() for piece in pieces]  # whole characters: pieces are cut at spaces
+    texts = [piece.decode() for piece in pieces]  # whole characters: pieces are cut before ASCII whitespace
     # Pieces go in as the words of a few pre-tokenized sequences, not as one sequence each: tokenizers' cost per
     # sequence (and a Python list of ids for each) outweighs tokenizing a short piece. A word is tokenized
     # exactly as it would be alone; word_ids tell which piece each id belongs to. Several sequences keep all
@@ -231,10 +234,15 @@ def encode_directly(encoder, batch: list[str], dtype) -> np.ndarray:
     return np.concatenate([np.append(np.array(e.ids, dtype=np.int64), eot) for e in encodings]).astype(dtype)
 
 
+def ids_dtype(vocab_size: int):
+    """The dtype of token ids in a batch, and so in a token cache."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
 def encode_batches(tokenizer, stories, batch_size: int = 1000, workers: int = 1):
     """Token ids (np array) per batch of stories, in order. With workers > 1, batches are spread over that
     many processes; with one, tokenizers' Rust encoder still spreads each batch's new pieces over all cores."""
-    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    dtype = ids_dtype(len(tokenizer))
     batches = iter(lambda it=iter(stories): list(itertools.islice(it, batch_size)), [])
     if workers <= 1:
         encoder, table = tokenizer.backend_tokenizer, {}
