@@ -1,46 +1,146 @@
-"""Run folders: what a training run leaves in its out_dir, written whole or not at all, and which folder to load.
+"""Run folders: what a training run leaves in its out_dir, written whole or not at all, one writer at a time, and
+which folder to load.
 
-    out_dir/best, out_dir/last   Hugging Face GPT-Neo folders + tokenizer.json, training_config.json,
-                                 train_state.pt (optimizer, RNG, step) and metrics.json (the same state, as JSON)
+    out_dir/best                 the best model so far: a Hugging Face GPT-Neo folder + tokenizer.json,
+                                 training_config.json and metrics.json (step, tokens, best validation loss)
+    out_dir/last                 the same at the newest step, plus train_state.pt (optimizer, RNG), which --resume needs
     out_dir/metrics.jsonl        every logged loss; its last row has "stop" once the run has ended
     out_dir/loss.png             the loss curves
+    out_dir/.lock                while a run writes the folder: an OS lock on it, and which process holds it
 
 A checkpoint is written as `name.tmp` and swapped in through `name.old`, so a crash at any moment leaves either
 the old or the new folder complete; `recover` puts back whichever is whole. Folders named `*.tmp` or `*.old`
 are never loaded as models.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
+import sys
+import time
 
 import torch
 
 from model import GPTNeo
+from storage import outermost_new_folder, read_json, storage_failure, write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 CHECKPOINTS = ("best", "last")
 RUN_FILES = ("metrics.jsonl", "loss.png")
+LOCK_FILE = ".lock"
 
 
-def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, config: dict):
-    """Write a complete checkpoint folder next to `folder`, then swap it in, so `folder` is always whole."""
+@contextlib.contextmanager
+def run_folder_lock(out_dir: str):
+    """Create out_dir and hold an OS lock on out_dir/.lock while the block runs, so that a second train.py,
+    --resume or --overwrite into the same folder is refused before any work (a ValueError naming the process
+    that holds it). The kernel drops the lock when its process ends in any way, kill -9 included, so a .lock file
+    left behind never blocks a later run. A folder this call created and the run left empty is removed."""
+    created = outermost_new_folder(out_dir)
+    path = os.path.join(out_dir, LOCK_FILE)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = acquire(path, out_dir)
+    except OSError as e:
+        sentence = storage_failure(e, out_dir, "train.out_dir")
+        if sentence is None:
+            raise
+        raise StorageError(f"cannot create the run folder train.out_dir = {out_dir}: {sentence}") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still holding the lock; a process waiting on the old file sees it is gone
+        lock.close()
+        for folder in parents_up_to(out_dir, created):
+            with contextlib.suppress(OSError):  # only empty folders go
+                os.rmdir(folder)
+
+
+def acquire(path: str, out_dir: str):
+    """The open, locked lock file at path, with this process's description written in it."""
+    while True:
+        lock = open(path, "a+", encoding="utf-8")
+        if not try_lock(lock):
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            pid = re.match(r"process (\d+)", holder)
+            stop = f"stop it (Ctrl-C or kill {pid[1]}: it saves a checkpoint first)" if pid else "stop it"
+            raise ValueError(f"train.out_dir {out_dir} is in use by {holder}: wait for that run to end, {stop}, or "
+                             "write this run elsewhere with --set train.out_dir=NEW_DIR")
+        # the holder may have ended and removed the file between our open and our lock: lock the file at path
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        lock.close()
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} (python {shlex.join(sys.argv)}), started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    return lock
+
+
+def try_lock(f) -> bool:
+    """Take an exclusive lock on the open file f without waiting; False when another process holds one."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+
+
+def parents_up_to(folder: str, top: str | None) -> list[str]:
+    """folder and its parents up to top, innermost first; none when top is None."""
+    folders, folder = [], os.path.abspath(folder)
+    while top is not None and folder.startswith(top):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
+
+
+def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, config: dict, resumable: bool = True):
+    """Write a complete checkpoint folder next to `folder`, then swap it in, so `folder` is always whole. Only a
+    resumable checkpoint (last/) holds train_state.pt, the optimizer state --resume needs; best/ is what people
+    share, at the size of the model. A failed write (a full disk, a read-only folder) removes what it wrote and
+    raises StorageError; the previous checkpoint stays."""
     tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "training_config.json"), "w") as f:
-        json.dump(config_as_dict(config), f, indent=2)
-    torch.save({"optimizer": opt.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},
-               os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "metrics.json"), "w") as f:  # the same state, for people and scripts
-        json.dump(state, f, indent=2)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        write_json(os.path.join(tmp, "training_config.json"), config_as_dict(config))
+        if resumable:
+            torch.save({"optimizer": opt.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},
+                       os.path.join(tmp, "train_state.pt"))
+        write_json(os.path.join(tmp, "metrics.json"), state)  # last: a folder with it is complete
+    except (OSError, RuntimeError) as e:
+        sentence = storage_failure(e, os.path.dirname(folder) or ".", "train.out_dir")  # before tmp frees the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if sentence is None:
+            raise
+        raise StorageError(f"could not save the checkpoint {folder}: {sentence}") from None
     if os.path.isdir(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class StorageError(Exception):
+    """A run folder could not be written (full disk, read-only, no permission): one sentence for the user."""
 
 
 def config_as_dict(config: dict) -> dict:
@@ -51,7 +151,7 @@ def config_as_dict(config: dict) -> dict:
 def recover(folder: str):
     """Undo what a crash inside save_checkpoint left: a missing `folder` comes back from `folder.old`, and
     a half-written `folder.tmp` goes."""
-    if not os.path.isdir(folder) and os.path.isfile(os.path.join(folder + ".old", "train_state.pt")):
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(folder + ".old", "metrics.json")):
         os.replace(folder + ".old", folder)
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     if os.path.isdir(folder):
@@ -69,15 +169,6 @@ def clear_run(out_dir: str):
     for name in holds_run(out_dir):
         path = os.path.join(out_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def read_json(path: str, what: str) -> dict:
-    """A JSON file of a checkpoint; a damaged one is a ValueError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the {what} is damaged; use another checkpoint") from None
 
 
 def read_resume_point(folder: str) -> tuple[dict, dict]:

@@ -82,6 +82,12 @@ def read_txt(path: str, chunk_bytes: int = 1 << 20):
         try:
             yield story.decode("utf-8")
         except UnicodeDecodeError as e:
+            if story.startswith((b"\xff\xfe", b"\xfe\xff")) and offset == 0:
+                raise ValueError(f"{path} is UTF-16 text; convert it to UTF-8, e.g. iconv -f utf-16 -t utf-8") from None
+            if b"\0" in story:  # not UTF-8 and holding NUL bytes: a binary file, not text in another encoding
+                raise ValueError(f"{path} is a binary file, not text (it is not UTF-8 from byte {offset + e.start} "
+                                 "on, and holds NUL bytes); stories come as UTF-8 text in .txt, .jsonl or .parquet "
+                                 "files") from None
             raise ValueError(f"{path} is not valid UTF-8 (byte {offset + e.start}); convert it, e.g. "
                              f"iconv -f latin1 -t utf-8") from None
         offset += len(story) + len(separator)
@@ -317,6 +323,6 @@ def note_single_story(path: str, log):
     if path.endswith(".txt"):
         with open(path, "rb") as f:
             head = f.read(1 << 20)
-        if EOT.encode() not in head:
+        if head and EOT.encode() not in head and b"\0" not in head:  # an empty or binary file is an error later
             log(f"note: {path} has no {EOT} line" + (" in its first MB" if len(head) == 1 << 20 else "") +
                 f", so it is read as one story; TinyStories files end every story with a {EOT} line")

@@ -24,8 +24,10 @@ import numpy as np
 from corpus import (EOT, HUB_DATASET, TINYSTORIES_V2, note_single_story, read_stories,  # noqa: F401 (re-exported)
                     resolve_files, split_sources)
 from pieces import encode_batches, ids_dtype
+from storage import atomic_write, outermost_new_folder, storage_failure, write_json
 
 FULL_VOCAB = 50257
+CACHE_SETTING = "data.cache_dir (dataload.py --out)"  # what chooses the folder, named in storage errors
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
 # A trimmed vocabulary is chosen from token counts over at most about this much text, taken evenly from the whole
@@ -155,8 +157,7 @@ def build_cache(path: str, tokenizer, stories, desc: str = "tokenizing", workers
         if e.errno != errno.ENOSPC:
             raise
         raise OSError(f"the disk holding {os.path.dirname(os.path.abspath(path))} filled up after {n:,} tokens of "
-                      f"{os.path.basename(path)}; free some space, or point data.cache_dir (dataload.py --out) at a "
-                      "larger disk") from None
+                      f"{os.path.basename(path)}; free some space, or point {CACHE_SETTING} at a larger disk") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -181,32 +182,28 @@ def prepare_data(data: str = HUB_DATASET, vocab_size: int = FULL_VOCAB, out_dir:
     Returns (tokenizer, {"train": memmap, "val": memmap}, report). Caches are keyed by a hash of the source
     data and the tokenizer, so a changed corpus or vocabulary rebuilds and an unchanged one is reused at once.
     A given `tokenizer` (a resumed run's) is used as it is, whatever vocab_size says. A failure leaves no folder
-    that this call created. hub_files and streaming apply to hub datasets (see hub_stories).
+    that this call created; a failure of the storage (a full disk, a read-only folder) is an OSError of one
+    sentence naming the setting that chose out_dir. hub_files and streaming apply to hub datasets (see hub_stories).
     """
-    sources = split_sources(data, val_data, val_fraction, hub_files, streaming, memo_dir=out_dir)
-    files = resolve_files(data)
-    for path in files or ():
-        note_single_story(path, log)
-    # Worker processes take a second or so to start: worth it only for corpora larger than a few MB.
-    text_bytes = None if files is None else sum(os.path.getsize(f) for f in files)
-    big = text_bytes is None or text_bytes > PARALLEL_BYTES
-    workers = os.cpu_count() or 1 if big else 1
     created = outermost_new_folder(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     try:
+        sources = split_sources(data, val_data, val_fraction, hub_files, streaming, memo_dir=out_dir)
+        files = resolve_files(data)
+        for path in files or ():
+            note_single_story(path, log)
+        # Worker processes take a second or so to start: worth it only for corpora larger than a few MB.
+        text_bytes = None if files is None else sum(os.path.getsize(f) for f in files)
+        big = text_bytes is None or text_bytes > PARALLEL_BYTES
+        workers = os.cpu_count() or 1 if big else 1
+        os.makedirs(out_dir, exist_ok=True)
         return build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer, text_bytes)
-    except BaseException:
+    except BaseException as e:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        raise
-
-
-def outermost_new_folder(path: str) -> str | None:
-    """The first folder os.makedirs(path) would create, or None when path exists."""
-    path, created = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, created = os.path.dirname(path), path
-    return created
+        sentence = storage_failure(e, out_dir, CACHE_SETTING) if isinstance(e, OSError) else None
+        if sentence is None:
+            raise
+        raise OSError(f"cannot write the tokenizer and token caches: {sentence}") from None
 
 
 def remove_abandoned_files(out_dir: str, log):
@@ -241,7 +238,7 @@ def check_free_space(out_dir: str, text_bytes: int | None, token_bytes: int):
     if free < need:
         raise OSError(f"the token caches of {text_bytes / 1e6:,.0f} MB of text need about {need / 1e6:,.0f} MB, and "
                       f"the disk holding {os.path.abspath(out_dir)} has {free / 1e6:,.0f} MB free; free some space, "
-                      "or point data.cache_dir (dataload.py --out) at a larger disk")
+                      f"or point {CACHE_SETTING} at a larger disk")
 
 
 def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=None, text_bytes=None):
@@ -250,7 +247,8 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
     if not glob.glob(os.path.join(glob.escape(out_dir), "train-*.bin")):  # a first build: check before counting
         check_free_space(out_dir, text_bytes, np.dtype(ids_dtype(vocab_size)).itemsize)
     if tokenizer is None:
-        tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log, text_bytes)
+        tokenizer, report = prepare_tokenizer(sources["train"], vocab_size, out_dir, workers, log, text_bytes,
+                                              data)
     else:
         report = {"vocab_size": len(tokenizer)}
     tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
@@ -291,7 +289,7 @@ def spread_sample(stories, stride: int, stats: dict, batch: int = 1000):
 
 
 def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int = 1, log=print,
-                      text_bytes: int | None = None):
+                      text_bytes: int | None = None, data: str = "the data"):
     """The full GPT-Neo tokenizer for vocab_size 50257, else a trimmed one saved as out_dir/tokenizer.json
     (reused when built from the same data at the same size). Tokens are counted in all of a corpus up to
     COUNT_SAMPLE_BYTES of text (`text_bytes`, None when unknown), else in an even spread of that much."""
@@ -311,6 +309,8 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int 
     full = gpt_neo_tokenizer()
     sample = {}
     counts = count_tokens(full, spread_sample(stories({}), stride, sample), workers)
+    if not sample.get("counted_stories"):  # before a tokenizer.json is written for no text
+        raise ValueError(f"the train split of {data!r} has no stories: all of them are empty or blank")
     if stride > 1:
         log(f"tokenizer: counted tokens in 1 of every {stride} batches of 1000 stories ({sample['counted_stories']:,} "
             f"stories, 1/{stride} of the text)")
@@ -320,7 +320,7 @@ def prepare_tokenizer(train_source, vocab_size: int, out_dir: str, workers: int 
               "coverage": float(kept_mass), "full_vocab_tokens": int(counts.sum()),
               "tokens_per_story_full_vocab": float(counts.sum() / max(counts[full.eos_token_id], 1)),
               "count_stride": stride}
-    atomic_save(path, lambda p: tokenizer.backend_tokenizer.save(p))
+    atomic_write(path, lambda p: tokenizer.backend_tokenizer.save(p))
     write_json(meta_path, {**want, "report": report})
     log(f"tokenizer: wrote {path} ({vocab_size} tokens; {kept_mass:.2%} of the corpus' GPT-Neo tokens keep their token)")
     return tokenizer, report
@@ -330,19 +330,6 @@ def coverage(full, trimmed, counts: np.ndarray) -> float:
     """Share of the GPT-Neo tokens counted in `counts` (by full's ids) that the trimmed tokenizer keeps."""
     kept = trimmed.get_vocab()
     return float(sum(counts[i] for t, i in full.get_vocab().items() if t in kept) / max(counts.sum(), 1))
-
-
-def write_json(path: str, obj):
-    def save(p):
-        with open(p, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-    atomic_save(path, save)
-
-
-def atomic_save(path: str, save):
-    tmp = f"{path}.tmp{os.getpid()}"
-    save(tmp)
-    os.replace(tmp, path)
 
 
 # ---- batches ----

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import newest_model
+from checkpoint import is_model_folder, newest_model
 from corpus import non_empty, read_stories
 from dataload import encode_batches, iter_eval_batches, load_tokenizer
 from model import DECODE_BACKENDS, GPTNeo, check_sampling_args, resolve_pretrained
@@ -61,9 +61,19 @@ def resolve_model(name: str | None) -> str:
     try:
         return resolve_pretrained(DEFAULT_HUB_MODEL)
     except OSError:
-        raise SystemExit(f"no checkpoint under {CHECKPOINT_ROOT}/ and {DEFAULT_HUB_MODEL} cannot be fetched (offline?): "
-                         "train a model first (python train.py --config config/tiny_lm_1M.config) or pass "
-                         "--model PATH_OR_HUB_ID") from None
+        raise ValueError(f"no checkpoint under {CHECKPOINT_ROOT}/ and {DEFAULT_HUB_MODEL} cannot be fetched (offline?): "
+                         "train a model first, which offline takes a text file of stories (python train.py --config "
+                         "config/quickstart.config --set data.dataset=path/to/stories.txt), or pass --model "
+                         "PATH_OR_HUB_ID") from None
+
+
+def run_folder_model(name: str) -> str:
+    """A training run's folder (out/quickstart) stands for the best model it holds (out/quickstart/best)."""
+    best = os.path.join(name, "best")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")) and is_model_folder(best, name):
+        print(f"# {name} is a training run: sampling from its best model, {best}", file=sys.stderr)
+        return best
+    return name
 
 
 def pick_device(name: str, flag: str = "--device") -> torch.device:
@@ -96,8 +106,12 @@ def load_model_and_tokenizer(name_or_path: str, device):
     model = GPTNeo.from_pretrained(folder).to(device)
     tokenizer = load_tokenizer(folder)
     if len(tokenizer) > model.config.vocab_size:
-        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
-                         f"put the tokenizer.json the model was trained with into {folder}")
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise ValueError(f"{folder} has no tokenizer.json, and its model has {model.config.vocab_size} tokens, "
+                             f"not the {len(tokenizer)} of GPT-Neo's tokenizer: copy the tokenizer.json of the run "
+                             f"that trained it into {folder}")
+        raise ValueError(f"{os.path.join(folder, 'tokenizer.json')} has {len(tokenizer)} tokens but the model only "
+                         f"{model.config.vocab_size}: put the tokenizer.json the model was trained with into {folder}")
     return model, tokenizer
 
 
@@ -165,35 +179,58 @@ def speed_line(arrived: list, compiled: bool) -> str:
     """'# N tokens, R tokens/s' from the arrival times (arrived[0]: the start). A compiled step compiles on its
     first call, the second token: that time is reported apart and not counted in the rate."""
     n = len(arrived) - 1
+    if n == 0:
+        return "# 0 tokens"
     if not compiled or n < 3:
-        return f"# {n} tokens, {n / (arrived[-1] - arrived[0]):.0f} tokens/s"
+        return f"# {plural(n, 'token')}, {n / (arrived[-1] - arrived[0]):.0f} tokens/s"
     rate = (n - 2) / (arrived[-1] - arrived[2])
-    return f"# {n} tokens, {rate:.0f} tokens/s after the first step, which compiled in {arrived[2] - arrived[1]:.1f} s"
+    return f"# {plural(n, 'token')}, {rate:.0f} tokens/s after the first step, which compiled in {arrived[2] - arrived[1]:.1f} s"
 
 
 def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
     """max_new_tokens lowered (with a note) so the story fits the model's context; a prompt that leaves no room is
     an error that states the limit."""
     if prompt_tokens >= context:
-        raise ValueError(f"the prompt is {prompt_tokens} tokens and the model's context is {context} "
+        raise ValueError(f"the prompt is {plural(prompt_tokens, 'token')} and the model's context is {context} "
                          f"(max_position_embeddings): shorten the prompt to at most {context - 1} tokens")
     if max_new_tokens > context - prompt_tokens:
         print(f"# note: --max_new_tokens {max_new_tokens} lowered to {context - prompt_tokens}: the prompt is "
-              f"{prompt_tokens} tokens and the model's context {context}", file=sys.stderr)
+              f"{plural(prompt_tokens, 'token')} and the model's context {context}", file=sys.stderr)
     return min(max_new_tokens, context - prompt_tokens)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def check_args(args):
+    """Every flag a number can get wrong, each named in its error, before a model is loaded."""
+    if args.top_k < 0:
+        raise ValueError(f"--top_k must be >= 0 (0: no limit), got {args.top_k}")
+    check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+    for flag, value, least in (("--max_new_tokens", args.max_new_tokens, 0), ("--num_samples", args.num_samples, 1),
+                               ("--block_size", args.block_size, 1), ("--batch_size", args.batch_size, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.native and args.compile:
+        raise ValueError("--native and --compile are two backends; pass one (or --backend)")
+
+
+def fit_block_size(block_size: int, context: int) -> int:
+    """--block_size lowered, with a note, to the model's context: a scored piece cannot be longer."""
+    if block_size > context:
+        print(f"# note: --block_size {block_size} lowered to {context}, the model's context (max_position_embeddings)",
+              file=sys.stderr)
+    return min(block_size, context)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        check_sampling_args(args.temperature, args.top_k or None, args.top_p)
-        if args.max_new_tokens < 0 or args.num_samples < 1:
-            raise ValueError("--max_new_tokens must be >= 0 and --num_samples >= 1")
-        if args.native and args.compile:
-            raise ValueError("--native and --compile are two backends; pass one (or --backend)")
+        check_args(args)
         backend = "native" if args.native else "compile" if args.compile else args.backend
         device = pick_device(args.device)
-        name = resolve_model(args.model)
+        name = run_folder_model(resolve_model(args.model))
         model, tokenizer = load_model_and_tokenizer(name, device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -201,7 +238,8 @@ def main(argv=None):
         torch.manual_seed(args.seed)
     if args.eval_file is not None:
         try:
-            r = evaluate_file(model, tokenizer, args.eval_file, args.batch_size, args.block_size, device)
+            block_size = fit_block_size(args.block_size, model.config.max_position_embeddings)
+            r = evaluate_file(model, tokenizer, args.eval_file, args.batch_size, block_size, device)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
         print(f"{args.eval_file}: {r['tokens']:,} tokens scored ({r['stories']:,} stories, {r['bytes']:,} bytes) | "

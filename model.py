@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from storage import atomic_write, write_text
+
 ATTENTION_TYPES = ("global", "local", "mixed")
 DECODE_BACKENDS = ("auto", "native", "compile", "eager")  # see GPTNeo.choose_backend
 # decode.c computes one batch row after another, re-reading the weights for each: measured against the eager
@@ -31,8 +33,9 @@ class GPTNeoConfig:
     n_head: int = 16  # attention heads per block
     n_embd: int = 64  # residual stream width
     window_size: int = 256  # a local head sees this many keys, itself included
-    # Which heads are local, either form: `attention_types` per layer ("global"/"local"/"mixed", a shorter
-    # pattern is repeated over the layers) or `local_heads` (one int for every layer, or one per layer).
+    # Which heads are local, either form: `attention_types` per layer ("global"/"local"/"mixed") or `local_heads`
+    # (how many heads are local: one int for every layer, or one per layer). A list is a pattern repeated over the
+    # layers and cut at n_layer, so changing n_layer alone resizes a model.
     # Neither given: GPT-Neo's global,local alternation. After __post_init__ both hold one entry per layer.
     attention_types: list | tuple | None = None
     local_heads: int | list | tuple | None = None
@@ -76,17 +79,18 @@ class GPTNeoConfig:
         self.attention_types, self.local_heads = tuple(derived), tuple(heads)
 
     def _expand(self, name, value):
-        """A scalar, a comma string, or a list whose length divides n_layer -> one entry per layer."""
+        """A scalar, a comma string, or a list -> one entry per layer: the list repeated and cut at n_layer
+        (global,local over 3 layers is global,local,global)."""
         if value is None:
             return None
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        if not value or self.n_layer % len(value):
-            raise ValueError(f"invalid model config: {name} has {len(value)} entries, which must be "
-                             f"n_layer ({self.n_layer}) or a pattern whose length divides it")
-        return list(value) * (self.n_layer // len(value))
+        if not value:
+            raise ValueError(f"invalid model config: {name} is empty; give one entry per layer or a pattern")
+        # a pattern repeated over the layers and cut at n_layer: resizing a model is editing n_layer alone
+        return (list(value) * -(-self.n_layer // len(value)))[:self.n_layer]
 
     @property
     def gpt_neo_compatible(self) -> bool:
@@ -712,15 +716,3 @@ def hf_to_tinylm_state_dict(hf_state: dict, config: GPTNeoConfig) -> dict:
 def tinylm_to_hf_state_dict(state: dict) -> dict:
     """Ours -> transformers GPT-Neo names (the tied lm_head is left out, as transformers saves it)."""
     return {"transformer." + k.replace(".attn.", ".attn.attention."): v for k, v in state.items()}
-
-
-def write_text(path: str, text: str):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def atomic_write(path: str, write):
-    """Write through a temporary name and rename, so a crash never leaves a half-written file at `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)

@@ -23,11 +23,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import check_run_folder, clear_run, command, load_checkpoint, recover, save_checkpoint
+from checkpoint import (StorageError, check_run_folder, clear_run, command, load_checkpoint, recover,
+                        resumable_checkpoint, run_folder_lock, save_checkpoint)
 from config import TrainConfig, load_config  # noqa: F401 (train.load_config is used by tests and benches)
 from dataload import FULL_VOCAB, get_batch, load_tokenizer, prepare_data
 from inference import evaluate_loss, pick_device
-from model import GPTNeo, atomic_write
+from model import GPTNeo
+from storage import atomic_write, storage_failure
+
+BUDGET_UNITS = 1000  # the progress bar counts thousandths of the budget
 
 
 def budget_progress(state: dict, t: TrainConfig, elapsed: float) -> float:
@@ -212,7 +216,7 @@ def restore_signals(previous: dict):
         signal.signal(s, handler)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a TinyLM model from an INI config (torchrun for several GPUs).")
     p.add_argument("--config", required=True, help="INI file, e.g. config/tiny_lm_1M.config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
@@ -221,22 +225,35 @@ def main(argv=None) -> int:
     p.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (honors WANDB_MODE)")
     p.add_argument("--wandb_project", default="tinylm")
     p.add_argument("--wandb_run_name", default=None)
-    args = p.parse_args(argv)
-    try:
-        config = load_config(args.config, args.set)
-        m, d, t = config["model"], config["data"], config["train"]
-        if d.block_size > m.max_position_embeddings:
-            raise ValueError(f"data.block_size = {d.block_size} is longer than the model's context, "
-                             f"model.max_position_embeddings = {m.max_position_embeddings}; lower one or raise the "
-                             "other")
-        notes = check_run_folder(args, config)
-        rank, world, device = init_distributed(t)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Check the config and take train.out_dir for this process alone, before any work; then train."""
+    args = parse_args(argv)
+    with contextlib.ExitStack() as held:
+        try:
+            config = load_config(args.config, args.set)
+            m, d, t = config["model"], config["data"], config["train"]
+            if d.block_size > m.max_position_embeddings:
+                raise ValueError(f"data.block_size = {d.block_size} is longer than the model's context, "
+                                 f"model.max_position_embeddings = {m.max_position_embeddings}; lower one or raise "
+                                 "the other")
+            rank, world, device = init_distributed(t)
+            if rank == 0:  # one writer per run folder: held until train() returns, dropped by the OS if killed
+                held.enter_context(run_folder_lock(t.out_dir))
+            notes = check_run_folder(args, config)
+        except (ValueError, StorageError) as e:
+            raise SystemExit(f"error: {e}") from None
+        return train(args, config, notes, rank, world, device)
+
+
+def train(args, config: dict, notes: list[str], rank: int, world: int, device) -> int:
+    m, d, t = config["model"], config["data"], config["train"]
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    for section, values in config.items():
-        log(f"[{section}] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(values).items()))
+    for section in ("data", "train"):  # [model] follows once the tokenizer has set its vocabulary and ids
+        log(f"[{section}] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config[section]).items()))
     for note in notes:
         log(f"note: {note}")
     torch.manual_seed(t.seed)
@@ -263,6 +280,7 @@ def main(argv=None) -> int:
                              "data.block_size + 1; lower data.block_size or add data")
     eot = tokenizer.eos_token_id
     model_config = dataclasses.replace(m, vocab_size=len(tokenizer), bos_token_id=eot, eos_token_id=eot)
+    log("[model] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_config).items()))
     model = GPTNeo(model_config).to(device)
     opt = make_optimizer(model, t, device)
     log(f"# {model.num_params() / 1e6:.2f}M parameters, {len(splits['train']):,} train tokens, device {device}"
@@ -282,7 +300,6 @@ def main(argv=None) -> int:
     if master and args.overwrite:
         clear_run(t.out_dir)
         log(f"# --overwrite: deleted the previous run in {t.out_dir}")
-    os.makedirs(t.out_dir, exist_ok=True)
     metrics_path = os.path.join(t.out_dir, "metrics.jsonl")
     metrics = open(metrics_path, "a") if master else None
     run = start_wandb(args, config, t.out_dir, state.get("wandb_id")) if args.use_wandb and master else None
@@ -315,12 +332,11 @@ def main(argv=None) -> int:
         state["elapsed"] = time.time() - start
         if master:
             if improved:
-                save_checkpoint(best_dir, model, tokenizer, opt, state, config)
+                save_checkpoint(best_dir, model, tokenizer, opt, state, config, resumable=False)
             save_checkpoint(last_dir, model, tokenizer, opt, state, config)
 
     tokens_per_step = t.batch_size * t.grad_accum * d.block_size * world
-    bar = tqdm(total=t.max_steps, initial=state["step"], unit="step", dynamic_ncols=True,
-               disable=not (master and sys.stderr.isatty()))
+    bar = budget_bar(budget_progress(state, t, state["elapsed"]), enabled=master and sys.stderr.isatty())
     say = bar.write if not bar.disable else log  # lines between progress-bar updates
     stop = {"signals": [], "evaluating": False}
     previous_handlers = catch_stop_signals(stop, say, can_skip_evaluation=world == 1)
@@ -355,7 +371,8 @@ def main(argv=None) -> int:
                 reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
             if reason:
                 break
-            lr = get_lr(step, t, budget_progress(state, t, elapsed))
+            progress = budget_progress(state, t, elapsed)
+            lr = get_lr(step, t, progress)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             loss_sum = 0.0
@@ -383,8 +400,9 @@ def main(argv=None) -> int:
             tok_s = tokens_per_step / (now - t_last)
             t_last = now
             record({"step": step + 1, "tokens": state["tokens"], "loss": loss_sum, "lr": lr, "tok_s": round(tok_s)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
+            advance(bar, budget_progress(state, t, now - start))
+            bar.set_postfix({"step": step + 1, "loss": f"{loss_sum:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tok_s:.0f}"},
+                            refresh=False)
             if bar.disable and (step + 1) % t.log_interval == 0:
                 log(f"step {step + 1:6d} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:.0f} tok/s")
         bar.close()
@@ -398,6 +416,9 @@ def main(argv=None) -> int:
             if run is not None:
                 run.summary.update({"best_val_loss": state["best_val"], "stop": reason})
                 run.finish()
+    except (StorageError, OSError) as e:
+        bar.close()
+        raise SystemExit(storage_stop(e, args, world, t.out_dir, last_dir)) from None
     finally:
         restore_signals(previous_handlers)
     seconds = time.time() - t_first
@@ -408,8 +429,9 @@ def main(argv=None) -> int:
         f"  best val loss {state['best_val']:.4f} in {best_dir}; loss curve in {os.path.join(t.out_dir, 'loss.png')}\n"
         f"  sample: python inference.py --model {shlex.quote(best_dir)}")
     more = {"max_minutes": {"train.max_minutes": f"{2 * (t.max_minutes or 0):g}"},
-            "max_tokens": {"train.max_tokens": str(2 * (t.max_tokens or 0))}}
-    if exit_code != 1 and not reason.startswith(("max_steps", "early stopping")):
+            "max_tokens": {"train.max_tokens": str(2 * (t.max_tokens or 0))},
+            "max_steps": {"train.max_steps": str(2 * t.max_steps)}}
+    if exit_code != 1 and not reason.startswith("early stopping"):
         log(f"  continue: {command(args, world, True, more.get(reason.split()[0]))}")
     if dist.is_initialized():
         # every rank waits for rank 0's saving and plotting: a rank that tore its process group down while the
@@ -417,6 +439,30 @@ def main(argv=None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return exit_code
+
+
+def budget_bar(progress: float, enabled: bool) -> tqdm:
+    """A progress bar over the run's budget, in thousandths: the fraction budget_progress gives (what the
+    learning-rate schedule follows), so a run that max_minutes stops shows the time it has left, not how long
+    max_steps would take."""
+    return tqdm(total=BUDGET_UNITS, initial=round(BUDGET_UNITS * progress), dynamic_ncols=True, disable=not enabled,
+                bar_format="{percentage:3.0f}% of the budget |{bar}| {elapsed}<{remaining}{postfix}")
+
+
+def advance(bar: tqdm, progress: float):
+    bar.update(round(BUDGET_UNITS * progress) - bar.n)
+
+
+def storage_stop(error: OSError | StorageError, args, world: int, out_dir: str, last_dir: str) -> str:
+    """The message a run ends with when out_dir cannot be written; an OSError that is not about the storage is
+    raised again."""
+    sentence = str(error) if isinstance(error, StorageError) else storage_failure(error, out_dir, "train.out_dir")
+    if sentence is None:
+        raise error
+    if resumable_checkpoint(last_dir) is None:
+        return f"error: {sentence}; nothing was saved, so start the run again once it is fixed"
+    return (f"error: {sentence}; the checkpoints saved before are kept\n"
+            f"  continue, once it is fixed: {command(args, world, True)}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def test_recover_undoes_a_crash_inside_save_checkpoint(tmp_path):
     for name in ("last.old", "last.tmp"):
         (tmp_path / name).mkdir()
     (tmp_path / "last.old" / "train_state.pt").write_bytes(b"state")
+    (tmp_path / "last.old" / "metrics.json").write_text("{}")  # written last: the folder is complete
     assert holds_run(str(tmp_path)) == ["last.old", "last.tmp"]
     recover(str(tmp_path / "last"))
     assert sorted(os.listdir(tmp_path)) == ["last"] and (tmp_path / "last" / "train_state.pt").exists()

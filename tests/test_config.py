@@ -38,6 +38,15 @@ def test_every_shipped_config_builds_a_model():
     assert model.num_params() == hf.num_parameters() == 3_745_984  # the tied LM head counts once
 
 
+def test_resizing_a_shipped_config_is_editing_n_layer(tmp_path):
+    # a copy of quickstart.config with n_layer = 3: its attention_types = global,local is a pattern, cut at 3
+    text = open(os.path.join(ROOT, "config", "quickstart.config")).read().replace("n_layer = 2", "n_layer = 3")
+    m = load_config(write(tmp_path, text))["model"]
+    assert m.attention_types == ("global", "local", "global") and m.local_heads == (0, 8, 0)
+    m = load_config(os.path.join(ROOT, "config", "tinystories_1M.config"), ["model.n_layer=5"])["model"]
+    assert m.attention_types == ("global", "local", "global", "local", "global")
+
+
 def write(tmp_path, text):
     path = tmp_path / "x.config"
     path.write_text(text)

@@ -125,13 +125,41 @@ def test_local_formats_and_skipped_empty_stories(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"Once upon a time \xff\xfe there", "not valid UTF-8"),
+    (b"Once upon a time \xff\xfe there\n<|endoftext|>\n", "not valid UTF-8 .*iconv -f latin1"),
     (b"", "is empty"),
+    (bytes(range(256)) * 8, r"is a binary file, not text \(it is not UTF-8 from byte 128 on, and holds NUL bytes\)"),
+    ("Once upon a time\n<|endoftext|>\n".encode("utf-16"), "is UTF-16 text; .*iconv -f utf-16 -t utf-8"),
 ])
 def test_bad_files_fail_clearly(tmp_path, content, message):
     (tmp_path / "bad.txt").write_bytes(content)
+    logs = []
     with pytest.raises(ValueError, match=message):
-        prepare_data(str(tmp_path / "bad.txt"), 50257, str(tmp_path / "out"))
+        prepare_data(str(tmp_path / "bad.txt"), 50257, str(tmp_path / "out"), log=logs.append)
+    assert logs == []  # no note that the file reads as one story before the error that it is not stories at all
+
+
+def test_a_corpus_of_blank_stories_leaves_no_tokenizer(tmp_path):
+    (tmp_path / "out").mkdir()
+    write_txt(tmp_path / "blank.txt", ["", "   ", "\n\n"] * 5)
+    with pytest.raises(ValueError, match=r"the train split of .*blank.txt' has no stories: all of them are empty"):
+        prepare_data(str(tmp_path / "blank.txt"), 400, str(tmp_path / "out"))
+    assert not glob.glob(str(tmp_path / "out" / "tokenizer*"))
+
+
+def test_a_read_only_cache_dir_is_one_sentence_naming_the_setting(tmp_path, monkeypatch):
+    import errno
+    write_txt(tmp_path / "s.txt", make_stories(50))
+    real_makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_makedirs(path, *args, **kwargs)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(OSError, match=r"^cannot write the tokenizer and token caches: .*ro.cache is on a read-only "
+                                      r"file system; set data.cache_dir \(dataload.py --out\) to a folder that can be "
+                                      r"written$"):
+        prepare_data(str(tmp_path / "s.txt"), 400, str(tmp_path / "ro" / "cache"))
 
 
 def test_bad_requests_fail_clearly(tmp_path):

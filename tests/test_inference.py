@@ -82,6 +82,9 @@ def test_no_arguments_uses_newest_checkpoint_else_says_what_to_do(tmp_path):
     r = run_cli(cwd=tmp_path)
     assert r.returncode != 0
     assert "train a model first" in r.stderr and "--model" in r.stderr and "Traceback" not in r.stderr
+    # offline, the command it suggests must run offline: the quickstart on a text file, not the hub dataset
+    assert r.stderr.startswith("error: ") and "config/quickstart.config --set data.dataset=" in r.stderr
+    assert "tiny_lm_1M" not in r.stderr
     for name in ("old", "new"):
         GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(
             str(tmp_path / "out" / name))
@@ -261,3 +264,35 @@ def test_a_hub_id_loads_offline_from_the_hub_cache(tinystories_1m_folder, tmp_pa
     os.remove(os.path.join(snapshot, weights))  # an interrupted download: one sentence, no traceback
     r = run_cli("--model", "roneneldan/TinyStories-1M", env=env)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "has no model.safetensors" in r.stderr
+
+
+def test_cli_says_each_mistake_in_one_sentence(tmp_path, capsys):
+    from inference import main as inference_main
+    run = tmp_path / "run"
+    trimmed = GPTNeo(GPTNeoConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32))
+    trimmed.save_pretrained(str(run / "best"))  # a model of a trimmed vocabulary, its tokenizer.json missing
+    GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(str(tmp_path / "m"))
+    (tmp_path / "eval.txt").write_text("Once upon a time there was a cat.\n<|endoftext|>\n" * 4)
+
+    def fails(*argv):
+        with pytest.raises(SystemExit) as e:
+            inference_main(list(argv))
+        return str(e.value)
+    assert fails("--model", str(tmp_path / "m"), "--top_k", "-1") == "error: --top_k must be >= 0 (0: no limit), got -1"
+    eval_args = ("--model", str(tmp_path / "m"), "--eval_file", str(tmp_path / "eval.txt"))
+    assert fails(*eval_args, "--block_size", "0") == "error: --block_size must be >= 1, got 0"
+    assert fails(*eval_args, "--batch_size", "0") == "error: --batch_size must be >= 1, got 0"
+    assert fails("--model", str(run)) == (
+        f"error: {run / 'best'} has no tokenizer.json, and its model has 300 tokens, not the 50257 of GPT-Neo's "
+        f"tokenizer: copy the tokenizer.json of the run that trained it into {run / 'best'}")
+    capsys.readouterr()
+    inference_main([*eval_args, "--block_size", "1024"])  # longer than the model's context: lowered, and said
+    assert "--block_size 1024 lowered to 32, the model's context" in capsys.readouterr().err
+    inference_main(["--model", str(tmp_path / "m"), "--max_new_tokens", "0"])
+    assert "# 0 tokens" in capsys.readouterr().err
+    inference_main(["--model", str(tmp_path / "m"), "--prompt", "Once", "--max_new_tokens", "100"])
+    assert "the prompt is 1 token and the model's context 32" in capsys.readouterr().err
+    (run / "best" / "config.json").unlink()
+    GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(str(run / "best"))
+    inference_main(["--model", str(run), "--max_new_tokens", "3"])  # a run folder stands for its best model
+    assert f"{run} is a training run: sampling from its best model, {run / 'best'}" in capsys.readouterr().err

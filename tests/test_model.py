@@ -373,8 +373,7 @@ def test_untied_lm_head_is_refused():
     (dict(local_heads=5, n_head=4, n_embd=32), "local_heads"),
     (dict(local_heads=-1), "local_heads"),
     (dict(window_size=0), "window_size"),
-    (dict(n_layer=4, local_heads=[0, 1, 2]), "n_layer"),
-    (dict(n_layer=4, attention_types="global,local,local"), "n_layer"),
+    (dict(attention_types=[]), "empty"),
     (dict(attention_types="global,sliding"), "one of"),
     (dict(attention_types="global,local", local_heads=3), "disagrees"),
     (dict(attention_types="mixed"), "needs local_heads"),
@@ -383,6 +382,22 @@ def test_untied_lm_head_is_refused():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPTNeoConfig(**kwargs)
+
+
+def test_a_pattern_is_repeated_and_cut_at_n_layer(tmp_path):
+    # resizing a model is editing n_layer alone: global,local over 3 layers is global,local,global
+    assert GPTNeoConfig(n_layer=3, attention_types="global,local").attention_types == ("global", "local", "global")
+    assert GPTNeoConfig(n_layer=1, attention_types="global,local").attention_types == ("global",)
+    assert GPTNeoConfig(n_layer=5, n_head=4, n_embd=16, local_heads=[0, 1]).local_heads == (0, 1, 0, 1, 0)
+    assert GPTNeoConfig(n_layer=2, n_head=4, n_embd=16, local_heads=[0, 4, 4]).attention_types == ("global", "local")
+    model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=120, max_position_embeddings=64, n_layer=3, n_head=4, n_embd=32,
+                                         window_size=5, attention_types="global,local"))).eval()
+    model.save_pretrained(str(tmp_path))
+    hf = GPTNeoForCausalLM.from_pretrained(str(tmp_path)).eval()  # config.json stays exact for transformers
+    assert hf.config.attention_layers == ["global", "local", "global"]
+    idx = torch.randint(0, 120, (1, 40))
+    with torch.no_grad():
+        assert_logits_close(model(idx)[0], hf(idx).logits)
 
 
 def test_config_forms_agree_and_default_alternates():
