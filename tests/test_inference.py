@@ -158,6 +158,14 @@ def test_sharded_evaluation_adds_up_to_the_whole():
     assert sum(loss * c for loss, c in parts) / n == pytest.approx(whole, rel=1e-6)
 
 
+def test_readme_start_makes_a_virtualenv_and_says_where_commands_run():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = readme.split("## Start\n", 1)[1].split("\n## ", 1)[0]
+    commands = start.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert commands[0].startswith("python3 -m venv .venv") and "pip install -r requirements.txt" in commands[1]
+    assert "Python snippet below run from the repository root" in start
+
+
 def test_readme_python_snippet_runs_verbatim_on_a_trained_folder(tmp_path):
     # the snippet under "Using the model from Python", with only its example path replaced by a trained model
     from test_train import train_config

@@ -41,8 +41,13 @@ def read_metrics(tmp_path):
     return [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
 
 
-def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path):
+def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path, capsys):
     assert train_main(["--config", train_config(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # the printed [model] is the model trained: its vocabulary and end-of-text id are the tokenizer's
+    model_line = next(line for line in out.splitlines() if line.startswith("[model]"))
+    assert "vocab_size=400," in model_line and "eos_token_id=399" in model_line and "50256" not in model_line
+    assert "--set train.max_steps=60 --resume" in out.splitlines()[-1]  # a max_steps stop says how to go on
     metrics = read_metrics(tmp_path)
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(vals) == 4 and vals[-1] < vals[0] - 0.5
@@ -55,6 +60,9 @@ def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path):
         assert len(tok) == 400 == model.config.vocab_size and model.config.eos_token_id == tok.eos_token_id == 399
         out = model.generate(torch.tensor([[tok.eos_token_id]]), 10, temperature=0)
         assert tok.decode(out[0].tolist())
+    # best/ is what people share: the model and what describes it; the optimizer state --resume needs is in last/
+    assert not (tmp_path / "out" / "best" / "train_state.pt").exists()
+    assert (tmp_path / "out" / "last" / "train_state.pt").exists()
     hf = GPTNeoForCausalLM.from_pretrained(str(tmp_path / "out" / "best"))  # a plain GPT-Neo folder
     assert hf.config.vocab_size == 400
     assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG")
@@ -278,6 +286,8 @@ def test_ctrl_c_or_sigterm_saves_an_evaluated_resumable_checkpoint(tmp_path, sig
     metrics_file = tmp_path / "out" / "metrics.jsonl"
     while time.time() < deadline and (not metrics_file.exists() or len(read_metrics(tmp_path)) < 5):
         time.sleep(0.2)
+    with pytest.raises(SystemExit, match=f"in use by process {proc.pid} "):  # one writer per folder
+        train_main(["--config", config, "--overwrite", "--set", "train.max_steps=1"])
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig.value, err
@@ -349,6 +359,21 @@ def test_the_decay_completes_when_the_time_limit_stops_the_run(tmp_path, schedul
     assert read_metrics(tmp_path)[-1]["stop"].startswith("max_minutes") and len(lrs) > 20
     assert max(lrs) > 0.9 * 3e-3  # the warmup ended within the budget
     assert lrs[-1] < 1e-4 + 0.05 * (3e-3 - 1e-4)  # and the decay with it
+
+
+def test_the_progress_bar_follows_the_budget_that_stops_the_run(tmp_path, monkeypatch):
+    # a terminal, and a run that max_minutes stops long before max_steps: the bar counts the time budget
+    import io
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", terminal)
+    config = train_config(tmp_path, max_minutes=0.04, max_steps=10 ** 6, eval_interval=10 ** 6)
+    assert train_main(["--config", config]) == 0
+    frames = [f for f in terminal.getvalue().split("\r") if "of the budget" in f]
+    assert frames and "1000000" not in terminal.getvalue()
+    assert frames[-1].lstrip().startswith(("99%", "100%")) and "step=" in frames[-1]
+    remaining = [f.split("<")[1][:5] for f in frames[len(frames) // 2:]]  # mm:ss left, half-way on
+    assert all(r.startswith("00:0") for r in remaining), remaining  # seconds, not the hours max_steps would take
 
 
 def test_a_resumed_run_continues_the_same_time_schedule(tmp_path, monkeypatch):
