@@ -34,6 +34,8 @@ class DataConfig:
             raise ValueError(f"tokenizer must be 'trimmed' or 'gpt-neo', got {self.tokenizer!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not self.cache_dir.strip():
+            raise ValueError("cache_dir must name a folder, got an empty value")
 
 
 @dataclass
@@ -88,6 +90,8 @@ class TrainConfig:
         for name in ("decay_fraction", "warmup_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir must name a folder, got an empty value")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

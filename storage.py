@@ -4,8 +4,8 @@
     write_json(path, obj), read_json(path, what)
     storage_failure(error, path, "train.out_dir") -> "the disk holding /x is full (0.1 MB free); free some ..."
 
-A full disk, a read-only mount or a folder the user may not write to reach the user as one sentence that names
-the folder and the setting that chose it; every other error is left as it is.
+A full disk, a read-only mount, a folder the user may not write to, or a file where a folder should be reach the
+user as one sentence that names the folder and the setting that chose it; every other error is left as it is.
 """
 
 import errno
@@ -65,10 +65,6 @@ def free_mb(path: str) -> float:
     return shutil.disk_usage(path).free / 1e6
 
 
-def is_storage_error(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in FULL + READ_ONLY + DENIED
-
-
 def storage_failure(error: BaseException, path: str, setting: str) -> str | None:
     """One sentence for a failed write under `path` (a folder that `setting` chose), or None when `error` is not
     about the storage. torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), so any error
@@ -82,4 +78,16 @@ def storage_failure(error: BaseException, path: str, setting: str) -> str | None
         return f"{where} is on a read-only file system; set {setting} to a folder that can be written"
     if code in DENIED:
         return f"this user may not write to {where}; set {setting} to a folder that can be written"
+    if code in (errno.EEXIST, errno.ENOTDIR):  # makedirs met a file where a folder goes
+        blocking = next((p for p in parents(where) if os.path.exists(p) and not os.path.isdir(p)), None)
+        if blocking is not None:
+            return f"{blocking} is a file, not a folder; set {setting} to a folder"
     return None
+
+
+def parents(path: str) -> list[str]:
+    """path and every folder above it, innermost first."""
+    chain = [path]
+    while os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain

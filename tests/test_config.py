@@ -72,6 +72,8 @@ def test_types_overrides_and_both_head_forms(tmp_path):
     ("[model]\n", ["n_layer=3"], "section.key=value"),
     ("[model]\n", ["model.windowsize=3"], "unknown key.*windowsize"),
     ("[model]\nattention_types = global,local\n", ["model.local_heads=8"], "attention_types = none"),
+    ("[train]\nout_dir =\n", [], "out_dir must name a folder"),
+    ("[data]\n", ["data.cache_dir= "], "cache_dir must name a folder"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, overrides, message):
     with pytest.raises(ValueError, match=message):
