@@ -17,7 +17,7 @@ import torch
 from checkpoint import is_model_folder, newest_model
 from corpus import non_empty, read_stories
 from dataload import encode_batches, iter_eval_batches, load_tokenizer
-from model import DECODE_BACKENDS, GPTNeo, check_sampling_args, resolve_pretrained
+from model import DECODE_BACKENDS, GPTNeo, resolve_pretrained
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"
@@ -68,11 +68,17 @@ def resolve_model(name: str | None) -> str:
 
 
 def run_folder_model(name: str) -> str:
-    """A training run's folder (out/quickstart) stands for the best model it holds (out/quickstart/best)."""
+    """A training run's folder (out/quickstart) stands for the best model it holds (out/quickstart/best); a
+    folder of runs (out/) is an error that names what it holds."""
+    if not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
+        return name
     best = os.path.join(name, "best")
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")) and is_model_folder(best, name):
+    if is_model_folder(best, name):
         print(f"# {name} is a training run: sampling from its best model, {best}", file=sys.stderr)
         return best
+    newest, _ = newest_model(name)
+    if newest is not None:
+        raise ValueError(f"{name} is no model folder but holds some, e.g. {newest}: pass that one with --model")
     return name
 
 
@@ -205,9 +211,12 @@ def plural(n: int, noun: str) -> str:
 
 def check_args(args):
     """Every flag a number can get wrong, each named in its error, before a model is loaded."""
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.top_k < 0:
         raise ValueError(f"--top_k must be >= 0 (0: no limit), got {args.top_k}")
-    check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1] (1: no limit), got {args.top_p}")
     for flag, value, least in (("--max_new_tokens", args.max_new_tokens, 0), ("--num_samples", args.num_samples, 1),
                                ("--block_size", args.block_size, 1), ("--batch_size", args.batch_size, 1)):
         if value < least:

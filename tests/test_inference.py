@@ -287,6 +287,10 @@ def test_cli_says_each_mistake_in_one_sentence(tmp_path, capsys):
             inference_main(list(argv))
         return str(e.value)
     assert fails("--model", str(tmp_path / "m"), "--top_k", "-1") == "error: --top_k must be >= 0 (0: no limit), got -1"
+    assert fails("--model", str(tmp_path / "m"), "--top_p", "1.5") == "error: --top_p must be in (0, 1] (1: no limit), " \
+                                                                       "got 1.5"
+    assert fails("--model", str(tmp_path)) == f"error: {tmp_path} is no model folder but holds some, e.g. " \
+                                             f"{run / 'best'}: pass that one with --model"  # best/ comes first
     eval_args = ("--model", str(tmp_path / "m"), "--eval_file", str(tmp_path / "eval.txt"))
     assert fails(*eval_args, "--block_size", "0") == "error: --block_size must be >= 1, got 0"
     assert fails(*eval_args, "--batch_size", "0") == "error: --batch_size must be >= 1, got 0"
