@@ -8,6 +8,8 @@ which folder to load.
     out_dir/loss.png             the loss curves
     out_dir/.lock                while a run writes the folder: an OS lock on it, and which process holds it
 
+`load_model_and_tokenizer` loads any model folder (or hub id) with the tokenizer that belongs to it.
+
 A checkpoint is written as `name.tmp` and swapped in through `name.old`, so a crash at any moment leaves either
 the old or the new folder complete; `recover` puts back whichever is whole. Folders named `*.tmp` or `*.old`
 are never loaded as models.
@@ -26,7 +28,8 @@ import time
 
 import torch
 
-from model import GPTNeo
+from dataload import load_tokenizer
+from model import GPTNeo, resolve_pretrained
 from storage import outermost_new_folder, read_json, storage_failure, write_json
 
 try:
@@ -294,3 +297,18 @@ def command(args, world: int, resume: bool, sets: dict[str, str] | None = None) 
     if args.use_wandb:
         words += ["--use_wandb", "--wandb_project", args.wandb_project]
     return shlex.join(words + (["--resume"] if resume else []))
+
+
+def load_model_and_tokenizer(name_or_path: str, device):
+    """Model and its tokenizer: the folder's tokenizer.json if it has one, else the GPT-Neo tokenizer."""
+    folder = resolve_pretrained(name_or_path)  # a hub id is fetched into the local hub cache
+    model = GPTNeo.from_pretrained(folder).to(device)
+    tokenizer = load_tokenizer(folder)
+    if len(tokenizer) > model.config.vocab_size:
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise ValueError(f"{folder} has no tokenizer.json, and its model has {model.config.vocab_size} tokens, "
+                             f"not the {len(tokenizer)} of GPT-Neo's tokenizer: copy the tokenizer.json of the run "
+                             f"that trained it into {folder}")
+        raise ValueError(f"{os.path.join(folder, 'tokenizer.json')} has {len(tokenizer)} tokens but the model only "
+                         f"{model.config.vocab_size}: put the tokenizer.json the model was trained with into {folder}")
+    return model, tokenizer

@@ -6,18 +6,16 @@
 """
 
 import argparse
-import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 
-from checkpoint import is_model_folder, newest_model
-from corpus import non_empty, read_stories
-from dataload import encode_batches, iter_eval_batches, load_tokenizer
-from model import DECODE_BACKENDS, GPTNeo, resolve_pretrained
+from checkpoint import is_model_folder, load_model_and_tokenizer, newest_model
+from devices import pick_device
+from model import DECODE_BACKENDS, resolve_pretrained
+from scoring import evaluate_file
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"
@@ -80,78 +78,6 @@ def run_folder_model(name: str) -> str:
     if newest is not None:
         raise ValueError(f"{name} is no model folder but holds some, e.g. {newest}: pass that one with --model")
     return name
-
-
-def pick_device(name: str, flag: str = "--device") -> torch.device:
-    """The torch device `name` asks for ("auto": cuda, else mps, else cpu); ValueError naming `flag` when it is
-    not a device or this machine lacks it."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    cpu = f"{flag} cpu" if flag.startswith("--") else f"{flag} = cpu"
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{flag} {name!r} is not a device TinyLM runs on; use cpu, cuda, cuda:N, mps or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        build = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ValueError(f"{flag} {name}: {build}; use {cpu} (or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{flag} {name}: Apple's MPS is not available here; use {cpu} (or auto)")
-    return device
-
-
-def load_model_and_tokenizer(name_or_path: str, device):
-    """Model and its tokenizer: the folder's tokenizer.json if it has one, else the GPT-Neo tokenizer."""
-    folder = resolve_pretrained(name_or_path)  # a hub id is fetched into the local hub cache
-    model = GPTNeo.from_pretrained(folder).to(device)
-    tokenizer = load_tokenizer(folder)
-    if len(tokenizer) > model.config.vocab_size:
-        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            raise ValueError(f"{folder} has no tokenizer.json, and its model has {model.config.vocab_size} tokens, "
-                             f"not the {len(tokenizer)} of GPT-Neo's tokenizer: copy the tokenizer.json of the run "
-                             f"that trained it into {folder}")
-        raise ValueError(f"{os.path.join(folder, 'tokenizer.json')} has {len(tokenizer)} tokens but the model only "
-                         f"{model.config.vocab_size}: put the tokenizer.json the model was trained with into {folder}")
-    return model, tokenizer
-
-
-@torch.no_grad()
-def evaluate_loss(model, tokens, batch_size: int, block_size: int, max_tokens: int | None = None, device="cpu",
-                  shard: tuple[int, int] = (0, 1)):
-    """(mean next-token loss in nats, tokens scored) over a token stream, in consecutive block_size pieces.
-    shard (i, n) scores only every n-th batch from the i-th: n processes share one evaluation."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i, (x, y) in enumerate(iter_eval_batches(tokens, batch_size, block_size, max_tokens, device)):
-        if i % shard[1] == shard[0]:
-            n = int((y != -100).sum())
-            total += model(x, y)[1].item() * n
-            count += n
-    model.train(was_training)
-    return (total / count if count else 0.0), count
-
-
-def evaluate_file(model, tokenizer, path: str, batch_size: int, block_size: int, device):
-    """Loss, perplexity and bits per byte of a story file; bits per byte divide by the stories' UTF-8 bytes, so
-    models with different tokenizers compare fairly."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no eval file at {path}")
-    stories = list(non_empty(read_stories([path]), {}))
-    if not stories:
-        raise ValueError(f"{path} holds no stories")
-    tokens = np.concatenate(list(encode_batches(tokenizer, stories)))
-    loss, n = evaluate_loss(model, tokens, batch_size, min(block_size, model.config.max_position_embeddings), None,
-                            device)
-    n_bytes = sum(len(s.encode("utf-8")) for s in stories)
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss * n / math.log(2) / n_bytes,
-            "tokens": n, "stories": len(stories), "bytes": n_bytes}
 
 
 def encode_prompt(tokenizer, prompt: str, device):

@@ -27,8 +27,9 @@ from checkpoint import (StorageError, check_run_folder, clear_run, command, load
                         resumable_checkpoint, run_folder_lock, save_checkpoint)
 from config import TrainConfig, load_config  # noqa: F401 (train.load_config is used by tests and benches)
 from dataload import FULL_VOCAB, get_batch, load_tokenizer, prepare_data
-from inference import evaluate_loss, pick_device
+from devices import pick_device
 from model import GPTNeo
+from scoring import evaluate_loss
 from storage import atomic_write, storage_failure
 
 BUDGET_UNITS = 1000  # the progress bar counts thousandths of the budget

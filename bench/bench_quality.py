@@ -47,7 +47,7 @@ def train_transformers(model_config, splits, minutes: float, batch_size: int, ev
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     from dataload import get_batch
-    from inference import evaluate_loss
+    from scoring import evaluate_loss
 
     block = 512
     hf_config = GPTNeoConfig(**{**model_config.to_hf_dict(), "max_position_embeddings": max(
@@ -109,7 +109,8 @@ def main():
 
     from config import load_config
     from dataload import prepare_data
-    from inference import evaluate_file, load_model_and_tokenizer
+    from checkpoint import load_model_and_tokenizer
+    from scoring import evaluate_file
 
     config = load_config(os.path.join(ROOT, args.config), [f"data.dataset={args.data}"])
     m, d, t = config["model"], config["data"], config["train"]

@@ -31,7 +31,8 @@ def main():
     args = p.parse_args()
     import torch
 
-    from inference import evaluate_file, load_model_and_tokenizer
+    from checkpoint import load_model_and_tokenizer
+    from scoring import evaluate_file
 
     out_dir = os.path.join("out", "recipe", args.name)
     sets = [f"data.dataset={args.data}", f"train.max_minutes={args.minutes:g}", f"train.out_dir={out_dir}", *args.set]

@@ -12,7 +12,8 @@ from transformers import GPTNeoForCausalLM
 
 from checkpoint import newest_model
 from conftest import DEVICE, hub_cache_snapshot
-from inference import encode_prompt, load_model_and_tokenizer
+from checkpoint import load_model_and_tokenizer
+from inference import encode_prompt
 from model import GPTNeo, GPTNeoConfig
 from test_model import sharpen_
 
@@ -149,7 +150,7 @@ def test_eval_file_matches_transformers_loss(tmp_path):
 
 def test_sharded_evaluation_adds_up_to_the_whole():
     # train.py under torchrun: rank r of n scores every n-th batch, and the ranks' sums give the full evaluation
-    from inference import evaluate_loss
+    from scoring import evaluate_loss
     model = GPTNeo(GPTNeoConfig(vocab_size=60, max_position_embeddings=32, n_layer=1, n_head=2, n_embd=16))
     tokens = torch.randint(0, 60, (1000,), generator=torch.Generator().manual_seed(1)).numpy()
     whole, n = evaluate_loss(model, tokens, batch_size=2, block_size=32)

@@ -52,7 +52,7 @@ def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path, c
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(vals) == 4 and vals[-1] < vals[0] - 0.5
     assert metrics[-1]["stop"] == "max_steps reached"
-    from inference import load_model_and_tokenizer
+    from checkpoint import load_model_and_tokenizer
     for name in ("best", "last"):
         saved = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
         assert saved["step"] == 30 and saved["best_val"] == vals[-1]

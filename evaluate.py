@@ -1,0 +1,201 @@
+"""Score models side by side on held-out stories: loss, story cloze and capability probes.
+
+    python evaluate.py --model out/quickstart/best --model out/laptop/best --data ../shared/data/tinystories_test.txt
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from checkpoint import load_model_and_tokenizer
+from corpus import non_empty, read_stories
+from devices import pick_device
+from evalsets import cloze_items, probe_continuation, read_probes
+from model import resolve_pretrained
+from scoring import continuation_logprobs, evaluate_file
+from storage import atomic_write, write_text
+
+DEFAULT_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probes", "capabilities.jsonl")
+GUIDE = """what it measures, per model:
+  loss         nats/token, perplexity and bits per UTF-8 byte on --data (what inference.py --eval_file says);
+               bits/byte compare models with different vocabularies fairly
+  cloze        story cloze: a held-out story up to a sentence boundary (3 or more sentences in), then its true
+               next sentence and 3 sentences from other held-out stories, with the same length range, quoting,
+               ending and the context's character names, so that only coherence tells them apart. Chance is 25%
+  probes       short prompts in three kinds (factual, reasoning, context tracking) with one right and several
+               wrong endings; --probes reads any JSONL file of {"category", "prompt", "right", "wrong"} lines
+An option wins when the model gives it the highest log-probability after the context: summed over its tokens
+("acc", as lm-evaluation-harness) and divided by its UTF-8 bytes ("acc per byte"). Accuracies come with a 95%
+Wilson interval; a model whose interval holds chance has shown nothing.
+
+examples:
+  python evaluate.py --model out/quickstart/best --data ../shared/data/tinystories_test.txt
+  python evaluate.py --model out/quickstart/best --model roneneldan/TinyStories-1M --data test.txt --json r.json
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Score one or more models side by side on held-out stories: loss, "
+                                "story cloze and capability probes.", epilog=GUIDE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="checkpoint folder or hub id; repeat to compare")
+    p.add_argument("--data", required=True, help="held-out stories separated by <|endoftext|> (.txt, .jsonl or "
+                   ".parquet); never the data the models trained on")
+    p.add_argument("--probes", default=DEFAULT_PROBES, help="probe file (default: probes/capabilities.jsonl)")
+    p.add_argument("--cloze_items", type=int, default=None, help="story-cloze items, at most one per story "
+                   "(default: one per story that has 4 sentences or more)")
+    p.add_argument("--seed", type=int, default=0, help="chooses the cloze items (the same seed, the same items)")
+    p.add_argument("--block_size", type=int, default=512, help="context of each scored piece for the loss "
+                   "(lowered to a model's context)")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences scored at once")
+    p.add_argument("--completion_tokens", type=int, default=16, help="greedy tokens each model writes after "
+                   "each probe prompt (shown in --json; 0: none)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    return p.parse_args(argv)
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy (better than the normal one near 0, 1 and for small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (center - half) / (1 + z * z / n), (center + half) / (1 + z * z / n)
+
+
+def accuracy(scores: list[list[tuple[float, int]]], answers: list[int]) -> dict:
+    """acc (summed log-probability) and acc_bytes (per UTF-8 byte) of multiple-choice items, with intervals; an
+    item counts only when its answer beats every other option."""
+    result = {"n": len(answers)}
+    for key, value in (("acc", lambda nats, size: nats), ("acc_bytes", lambda nats, size: nats / size)):
+        right = sum(all(value(*options[a]) > value(*o) for j, o in enumerate(options) if j != a)
+                    for options, a in zip(scores, answers))
+        result[key], result[key + "_ci"] = right / max(len(answers), 1), list(wilson(right, len(answers)))
+    return result
+
+
+def score_options(model, tokenizer, contexts: list[str], options: list[list[str]], args, device) -> list[list]:
+    """(nats, bytes) of every option of every item, batched over all of them."""
+    pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
+    flat = iter(continuation_logprobs(model, tokenizer, pairs, args.batch_size, device))
+    return [[next(flat) for _ in opts] for opts in options]
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int, device) -> str:
+    """The model's greedy continuation of a prompt, up to the end of its line."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
+    room = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+    if room <= 0:
+        return ""
+    out = model.generate(torch.tensor([ids], device=device), room, temperature=0, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).split("\n")[0]
+
+
+def evaluate_model(name: str, args, stories, items, probes, device) -> dict:
+    """Every number of one model."""
+    model, tokenizer = load_model_and_tokenizer(name, device)
+    t0 = time.time()
+    result = {"params": model.num_params()}
+    block_size = min(args.block_size, model.config.max_position_embeddings)
+    result.update(evaluate_file(model, tokenizer, args.data, args.batch_size, block_size, device))
+    cloze = accuracy(score_options(model, tokenizer, [i.context for i in items], [i.options for i in items], args,
+                                   device), [i.answer for i in items])
+    result.update({f"cloze_{k}": v for k, v in cloze.items()})
+    options = [[probe_continuation(p["prompt"], a) for a in [p["right"], *p["wrong"]]] for p in probes]
+    probe_scores = score_options(model, tokenizer, [p["prompt"] for p in probes], options, args, device)
+    result["probes"] = {}
+    for category in sorted({p["category"] for p in probes}) + ["all"]:
+        chosen = [j for j, p in enumerate(probes) if category in ("all", p["category"])]
+        result["probes"][category] = accuracy([probe_scores[j] for j in chosen], [0] * len(chosen))
+    if args.completion_tokens:
+        result["probe_completions"] = [complete(model, tokenizer, p["prompt"], args.completion_tokens, device)
+                                       for p in probes]
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def chance(probes: list[dict]) -> dict:
+    """What guessing scores: 1 / options, averaged over the items."""
+    by = {c: [1 / (1 + len(p["wrong"])) for p in probes if c in ("all", p["category"])]
+          for c in sorted({p["category"] for p in probes}) + ["all"]}
+    return {"cloze": 0.25, "probes": {c: sum(v) / len(v) for c, v in by.items()}}
+
+
+def table(report: dict) -> str:
+    """The side-by-side table: one row per number, one column per model, then chance."""
+    names = list(report["models"])
+    models = [report["models"][n] for n in names]
+    pct = lambda acc, ci: f"{100 * acc:.1f}% [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]"
+    rows = [("parameters", [f"{m['params'] / 1e6:.2f}M" for m in models], ""),
+            ("loss (nats/token)", [f"{m['loss']:.4f}" for m in models], ""),
+            ("perplexity", [f"{m['perplexity']:.2f}" for m in models], ""),
+            ("bits/byte", [f"{m['bits_per_byte']:.4f}" for m in models], ""),
+            (f"cloze acc ({report['cloze_items']} items)", [pct(m["cloze_acc"], m["cloze_acc_ci"]) for m in models],
+             "25%"),
+            ("cloze acc per byte", [pct(m["cloze_acc_bytes"], m["cloze_acc_bytes_ci"]) for m in models], "25%")]
+    for category, guess in report["chance"]["probes"].items():
+        n = models[0]["probes"][category]["n"]
+        for key, label in (("acc", "acc"), ("acc_bytes", "acc per byte")):
+            rows.append((f"probes {category} {label} ({n})",
+                         [pct(m["probes"][category][key], m["probes"][category][key + "_ci"]) for m in models],
+                         f"{100 * guess:.0f}%"))
+    widths = [max(len(r[0]) for r in rows)] + [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in
+                                                enumerate(names)]
+    lines = ["  ".join([" " * widths[0]] + [n.ljust(w) for n, w in zip(names, widths[1:])] + ["chance"])]
+    for label, cells, guess in rows:
+        lines.append("  ".join([label.ljust(widths[0])] + [c.ljust(w) for c, w in zip(cells, widths[1:])] + [guess]))
+    return "\n".join(lines)
+
+
+def load_inputs(args):
+    """The stories, cloze items and probes, checked before any model is loaded."""
+    for flag, value, least in (("--batch_size", args.batch_size, 1), ("--block_size", args.block_size, 1),
+                               ("--completion_tokens", args.completion_tokens, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if len(set(args.model)) < len(args.model):
+        raise ValueError("a --model is given twice; each model is one column")
+    for name in args.model:
+        resolve_pretrained(name)  # a missing folder, or a hub id offline, fails here, before any scoring
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data {args.data} is no file; pass held-out stories, e.g. "
+                                "../shared/data/tinystories_test.txt")
+    stories = list(non_empty(read_stories([args.data]), {}))
+    if args.cloze_items is not None and not 1 <= args.cloze_items <= len(stories):
+        raise ValueError(f"--cloze_items {args.cloze_items}: {args.data} holds {len(stories)} stories and the cloze "
+                         f"takes at most one item from each; ask for 1 to {len(stories)}")
+    items = cloze_items(stories, args.cloze_items or len(stories), args.seed)
+    if not items:
+        raise ValueError(f"{args.data} has no story of 4 sentences or more, so no cloze item can be built")
+    return stories, items, read_probes(args.probes)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        stories, items, probes = load_inputs(args)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    report = {"data": args.data, "stories": len(stories), "cloze_items": len(items), "seed": args.seed,
+              "probes_file": args.probes, "probes": probes, "chance": chance(probes), "models": {}}
+    for name in args.model:
+        print(f"# scoring {name} ...", file=sys.stderr)
+        try:
+            report["models"][name] = evaluate_model(name, args, stories, items, probes, device)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --model {name}: {e}") from None
+    print(table(report))
+    if args.json:
+        atomic_write(args.json, lambda p: write_text(p, json.dumps(report, indent=2) + "\n"))
+        print(f"# every number in {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
