@@ -5,14 +5,16 @@
 
 Story cloze (after Mostafazadeh et al. 2016, built here from TinyStories' own held-out stories): the context is a
 story up to a sentence boundary at least 3 sentences in, and the options are its true next sentence and
-sentences from other held-out stories. Surface cues are taken away so that only coherence separates them: every
-distractor is within 25% of the true sentence's length, opens with a quote exactly when it does, ends with the
-same punctuation, is never a story's first sentence, and has its characters' names replaced by names from the
-context (a distractor naming someone is used only when the context names someone).
+sentences from other held-out stories. Surface cues are taken away so that only coherence separates them: the
+four lengths are drawn alike (within 25% of a common center, the true one at a random place in that window), every
+distractor opens with a quote exactly when the true sentence does, ends with the same punctuation, is never a
+story's first sentence, and has its characters' names replaced by names from the context (a distractor naming
+someone is used only when the context names someone).
 """
 
 import dataclasses
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -22,6 +24,7 @@ SENTENCE_BREAK = re.compile(r'(?:(?<=[.!?])|(?<=[.!?]["”’]))\s+(?=["“‘]?
 TITLES = {"Mr", "Mrs", "Ms", "Miss", "Dr"}  # "said Mr. Brown": a title, not the name
 ACTIONS = "said|asked|replied|shouted|smiled|laughed|nodded|cried|thought|wanted|looked|felt"
 CAPITALIZED = re.compile(r"\b[A-Z][a-z]+\b")
+WINDOW, LENGTH_BINS = 1.25, 8  # the options' lengths: within 25% of a center, drawn across 8 bins (cloze_items)
 PROBE_KEYS = {"category": str, "prompt": str, "right": str, "wrong": list}
 
 
@@ -98,12 +101,23 @@ def cloze_items(stories: list[str], n_items: int, seed: int = 0, n_distractors: 
         true = sentences[k]
         context = "".join(g + s for g, s in zip(gaps[:k], sentences[:k]))
         cast = names_in(context, names)
-        candidates = [s for s, story, form, named in pool if story != i and form == shape(true)
-                      and 0.8 <= len(s) / len(true) <= 1.25 and (cast or not named)]
+        # All four lengths are drawn alike, so that no rule on lengths (the longest, the shortest, the middle one)
+        # finds the true sentence: a window of +-25% around a center placed at random about the true length holds
+        # the true sentence at a uniform place, and distractors are drawn uniformly across the window (a bin of
+        # it first, then a sentence in the bin), not as the pool has them, with more short sentences than long.
+        # A window with an empty bin (a very short or very long true sentence) would skew the draw: skip the story.
+        center = len(true) * WINDOW ** rng.uniform(-1, 1)
+        bins = [[] for _ in range(LENGTH_BINS)]
+        for s, story, form, named in pool:
+            place = math.log(len(s) / center) / math.log(WINDOW)  # -1 to 1 inside the window
+            if story != i and form == shape(true) and -1 <= place <= 1 and (cast or not named):
+                bins[min(int(LENGTH_BINS * (place + 1) / 2), LENGTH_BINS - 1)].append(s)
+        if not all(bins):
+            continue
         distractors = []
-        for sentence in rng.sample(candidates, len(candidates)):
+        for sentence in draw_across(bins, rng):
             renamed = rename(sentence, names, cast)
-            if renamed != true and renamed not in distractors:
+            if renamed != true and renamed not in distractors and 1 / WINDOW <= len(renamed) / center <= WINDOW:
                 distractors.append(renamed)
             if len(distractors) == n_distractors:
                 break
@@ -113,6 +127,15 @@ def cloze_items(stories: list[str], n_items: int, seed: int = 0, n_distractors: 
         order = rng.sample(range(len(options)), len(options))
         items.append(ClozeItem(context, [gaps[k] + options[j] for j in order], order.index(0)))
     return items
+
+
+def draw_across(bins: list[list[str]], rng: random.Random):
+    """Sentences drawn without replacement: each draw picks a non-empty bin uniformly, then a sentence in it."""
+    bins = [rng.sample(b, len(b)) for b in bins if b]
+    while bins:
+        chosen = bins[rng.randrange(len(bins))]
+        yield chosen.pop()
+        bins = [b for b in bins if b]
 
 
 def probe_continuation(prompt: str, answer: str) -> str:

@@ -1,0 +1,78 @@
+"""evaluate.py: models side by side; an untrained model scores chance; every mistake is one sentence."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from evaluate import main as evaluate_main
+from model import GPTNeo, GPTNeoConfig
+from test_dataload import make_stories, write_txt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TEST = os.path.join(ROOT, "..", "shared", "data", "tinystories_test.txt")
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A model that never saw a story (GPT-Neo's initialization, its full vocabulary, no tokenizer.json: the
+    GPT-Neo tokenizer applies), and held-out stories: the shared test split where it is, else generated ones."""
+    folder = tmp_path_factory.mktemp("untrained")
+    torch.manual_seed(0)
+    GPTNeo(GPTNeoConfig(max_position_embeddings=256, n_layer=2, n_head=2, n_embd=32, window_size=16)).save_pretrained(
+        str(folder))
+    data = SHARED_TEST if os.path.isfile(SHARED_TEST) else write_txt(folder / "held_out.txt", make_stories(400, 7))
+    return str(folder), data
+
+
+def test_an_untrained_model_scores_chance(untrained, tmp_path, capsys):
+    folder, data = untrained
+    evaluate_main(["--model", folder, "--data", data, "--json", str(tmp_path / "r.json"), "--completion_tokens", "4"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    scores = report["models"][folder]  # keyed by --model exactly as given
+    assert scores["bits_per_byte"] > 1.5 and report["cloze_items"] >= 100
+    for key in ("cloze_acc", "cloze_acc_bytes"):
+        low, high = scores[key + "_ci"]
+        assert low <= 0.25 <= high, (key, scores[key])
+    for category in ("factual", "reasoning", "context", "all"):
+        for key in ("acc", "acc_bytes"):
+            low, high = scores["probes"][category][key + "_ci"]
+            assert low <= report["chance"]["probes"][category] <= high, (category, key)
+    assert len(scores["probe_completions"]) == len(report["probes"]) >= 90
+    table = capsys.readouterr().out
+    assert "cloze acc" in table and "probes reasoning acc" in table and folder in table.splitlines()[0]
+
+
+def test_mistakes_are_one_sentence_before_any_scoring(untrained, tmp_path, capsys):
+    folder, data = untrained
+
+    def fails(*argv):
+        with pytest.raises(SystemExit) as e:
+            evaluate_main(list(argv))
+        assert capsys.readouterr().out == ""  # nothing was scored
+        return str(e.value)
+    assert fails("--model", str(tmp_path / "missing"), "--data", data).startswith(
+        f"error: no model folder at {str(tmp_path / 'missing')!r}")
+    write_txt(tmp_path / "few.txt", make_stories(5))
+    assert fails("--model", folder, "--data", str(tmp_path / "few.txt"), "--cloze_items", "50") == (
+        f"error: --cloze_items 50: {tmp_path / 'few.txt'} holds 5 stories and the cloze takes at most one item from "
+        "each; ask for 1 to 5")
+    (tmp_path / "probes.jsonl").write_text('{"category": "factual", "prompt": "Fish swim in the", "right": "water", '
+                                           '"wrong": ["sky"]}\n{"category": "factual", "prompt": "x"}\n')
+    assert fails("--model", folder, "--data", data, "--probes", str(tmp_path / "probes.jsonl")) == (
+        f"error: {tmp_path / 'probes.jsonl'} line 2 has ['category', 'prompt']; a probe has exactly the keys "
+        "category, prompt, right and wrong")
+    assert fails("--model", folder, "--data", str(tmp_path / "nothing.txt")).startswith("error: --data ")
+    assert fails("--model", folder, "--model", folder, "--data", data) == "error: a --model is given twice; each " \
+                                                                         "model is one column"
+
+
+def test_help_reads_as_a_guide():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0
+    for words in ("story cloze", "Chance is 25%", "--probes", "Wilson interval", "examples:"):
+        assert words in done.stdout
