@@ -129,6 +129,27 @@ def cloze_items(stories: list[str], n_items: int, seed: int = 0, n_distractors: 
     return items
 
 
+def story_beginnings(stories: list[str], n: int, seed: int = 0) -> list[str]:
+    """Up to n beginnings of different stories, cut mid-sentence as the paper's prompts are: the story up to a
+    word inside its second, third or fourth sentence (at least two words in, two words before its end)."""
+    rng = random.Random(seed)
+    beginnings = []
+    for i in rng.sample(range(len(stories)), len(stories)):
+        if len(beginnings) == n:
+            break
+        story = stories[i].strip()
+        sentences, gaps = split_sentences(story)
+        if len(sentences) < 3:
+            continue
+        k = rng.randrange(1, min(len(sentences) - 1, 4))
+        ends = [m.end() for m in re.finditer(r"\S+", sentences[k])]
+        if len(ends) < 5:
+            continue
+        prefix = "".join(g + s for g, s in zip(gaps[:k + 1], sentences[:k])) + gaps[k]
+        beginnings.append(prefix + sentences[k][:ends[rng.randrange(1, len(ends) - 2)]])
+    return beginnings
+
+
 def draw_across(bins: list[list[str]], rng: random.Random):
     """Sentences drawn without replacement: each draw picks a non-empty bin uniformly, then a sentence in it."""
     bins = [rng.sample(b, len(b)) for b in bins if b]

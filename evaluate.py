@@ -1,4 +1,4 @@
-"""Score models side by side on held-out stories: loss, story cloze and capability probes.
+"""Score models side by side on held-out stories: loss, story cloze, capability probes and story completions.
 
     python evaluate.py --model out/quickstart/best --model out/laptop/best --data ../shared/data/tinystories_test.txt
 """
@@ -10,16 +10,22 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from checkpoint import load_model_and_tokenizer
-from corpus import non_empty, read_stories
+from corpus import non_empty, read_stories, resolve_files
+from dataload import encode_batches, gpt_neo_tokenizer
 from devices import pick_device
-from evalsets import cloze_items, probe_continuation, read_probes
+from evalsets import character_names, cloze_items, probe_continuation, read_probes, story_beginnings
 from model import resolve_pretrained
+from ngram import NGram, stream_logprob
+from ngram import continuation_logprobs as ngram_continuation_logprobs
 from scoring import continuation_logprobs, evaluate_file
 from storage import atomic_write, write_text
+from storymetrics import completion_metrics
 
+TRAIN_GLOB = "../shared/data/tinystories_train_*.txt"  # the README's train files
 DEFAULT_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probes", "capabilities.jsonl")
 GUIDE = """what it measures, per model:
   loss         nats/token, perplexity and bits per UTF-8 byte on --data (what inference.py --eval_file says);
@@ -29,6 +35,10 @@ GUIDE = """what it measures, per model:
                ending and the context's character names, so that only coherence tells them apart. Chance is 25%
   probes       short prompts in three kinds (factual, reasoning, context tracking) with one right and several
                wrong endings; --probes reads any JSONL file of {"category", "prompt", "right", "wrong"} lines
+  completions  --completions held-out stories cut mid-sentence, completed by each model with the same seeded
+               sampling: repeated 4-grams, distinct bigrams, the share that reach end-of-text, whether the
+               beginning's named characters carry on, and whether a newcomer takes over (see storymetrics.py for
+               what these measures cannot see)
 An option wins when the model gives it the highest log-probability after the context: summed over its tokens
 ("acc", as lm-evaluation-harness) and divided by its UTF-8 bytes ("acc per byte"). Accuracies come with a 95%
 Wilson interval; a model whose interval holds chance has shown nothing.
@@ -55,6 +65,17 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=8, help="sequences scored at once")
     p.add_argument("--completion_tokens", type=int, default=16, help="greedy tokens each model writes after "
                    "each probe prompt (shown in --json; 0: none)")
+    p.add_argument("--completions", type=int, default=50, help="held-out stories cut mid-sentence that each model "
+                   "completes (0: none)")
+    p.add_argument("--story_tokens", type=int, default=200, help="at most this many tokens per completion (lowered "
+                   "to fit a model's context)")
+    p.add_argument("--temperature", type=float, default=0.8, help="completions' sampling temperature (0: greedy); "
+                   "each completion is seeded from --seed, so a rerun writes the same stories")
+    p.add_argument("--top_k", type=int, default=50, help="completions sample from the k most likely tokens (0: all)")
+    p.add_argument("--baseline", choices=["ngram"], default=None, help="also score an interpolated Kneser-Ney "
+                   "n-gram model of GPT-Neo tokens fitted on --train: what counting alone gets")
+    p.add_argument("--train", default=TRAIN_GLOB, help=f"the baseline's training stories (default: {TRAIN_GLOB})")
+    p.add_argument("--order", type=int, default=4, help="the baseline's n")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number here")
     return p.parse_args(argv)
@@ -97,27 +118,70 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, device) -> str:
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).split("\n")[0]
 
 
-def evaluate_model(name: str, args, stories, items, probes, device) -> dict:
+def evaluate_model(name: str, args, items, probes, beginnings, device) -> dict:
     """Every number of one model."""
     model, tokenizer = load_model_and_tokenizer(name, device)
     t0 = time.time()
     result = {"params": model.num_params()}
     block_size = min(args.block_size, model.config.max_position_embeddings)
     result.update(evaluate_file(model, tokenizer, args.data, args.batch_size, block_size, device))
-    cloze = accuracy(score_options(model, tokenizer, [i.context for i in items], [i.options for i in items], args,
-                                   device), [i.answer for i in items])
-    result.update({f"cloze_{k}": v for k, v in cloze.items()})
+    result.update(multiple_choice(lambda contexts, options: score_options(model, tokenizer, contexts, options, args,
+                                                                          device), items, probes))
+    if args.completion_tokens:
+        result["probe_completions"] = [complete(model, tokenizer, p["prompt"], args.completion_tokens, device)
+                                       for p in probes]
+    stories = [write_story(model, tokenizer, b, args, args.seed * 100_000 + j, device) for j, b in enumerate(beginnings)]
+    result["completions"], result["completions_ended"] = [s for s, _ in stories], [e for _, e in stories]
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def evaluate_baseline(args, stories, items, probes) -> dict:
+    """Loss, cloze and probes of the n-gram baseline (it writes no completions)."""
+    t0 = time.time()
+    tokenizer = gpt_neo_tokenizer()
+    train = train_files(args.train)
+    lm = NGram.fit(np.concatenate(list(encode_batches(tokenizer, non_empty(read_stories(train), {}), workers=2))),
+                   args.order)
+    nats, n = stream_logprob(lm, np.concatenate(list(encode_batches(tokenizer, stories))))
+    n_bytes = sum(len(s.encode("utf-8")) for s in stories)
+    result = {"params": None, "loss": -nats / n, "perplexity": math.exp(-nats / n),
+              "bits_per_byte": -nats / math.log(2) / n_bytes, "tokens": n, "bytes": n_bytes}
+    score = lambda contexts, options: ngram_options(lm, tokenizer, contexts, options)
+    result.update(multiple_choice(score, items, probes))
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def ngram_options(lm, tokenizer, contexts, options):
+    pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
+    flat = iter(ngram_continuation_logprobs(lm, tokenizer, pairs))
+    return [[next(flat) for _ in opts] for opts in options]
+
+
+def multiple_choice(score, items, probes) -> dict:
+    """Cloze and probe accuracies, with `score(contexts, options)` giving (nats, bytes) per option."""
+    result = {f"cloze_{k}": v for k, v in accuracy(score([i.context for i in items], [i.options for i in items]),
+                                                   [i.answer for i in items]).items()}
     options = [[probe_continuation(p["prompt"], a) for a in [p["right"], *p["wrong"]]] for p in probes]
-    probe_scores = score_options(model, tokenizer, [p["prompt"] for p in probes], options, args, device)
+    probe_scores = score([p["prompt"] for p in probes], options)
     result["probes"] = {}
     for category in sorted({p["category"] for p in probes}) + ["all"]:
         chosen = [j for j, p in enumerate(probes) if category in ("all", p["category"])]
         result["probes"][category] = accuracy([probe_scores[j] for j in chosen], [0] * len(chosen))
-    if args.completion_tokens:
-        result["probe_completions"] = [complete(model, tokenizer, p["prompt"], args.completion_tokens, device)
-                                       for p in probes]
-    result["seconds"] = time.time() - t0
     return result
+
+
+def write_story(model, tokenizer, beginning: str, args, seed: int, device) -> tuple[str, bool]:
+    """(completion, reached end-of-text) of a beginning, sampled with the completions' settings and its own seed."""
+    ids = tokenizer.encode(beginning)
+    room = min(args.story_tokens, model.config.max_position_embeddings - len(ids))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(torch.tensor([ids], device=device), room, temperature=args.temperature,
+                         top_k=args.top_k or None, eos_token_id=tokenizer.eos_token_id, generator=generator)
+    new = out[0, len(ids):].tolist()
+    ended = tokenizer.eos_token_id in new
+    return tokenizer.decode(new[:new.index(tokenizer.eos_token_id)] if ended else new), ended
 
 
 def chance(probes: list[dict]) -> dict:
@@ -132,13 +196,22 @@ def table(report: dict) -> str:
     names = list(report["models"])
     models = [report["models"][n] for n in names]
     pct = lambda acc, ci: f"{100 * acc:.1f}% [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]"
-    rows = [("parameters", [f"{m['params'] / 1e6:.2f}M" for m in models], ""),
+    rows = [("parameters", [f"{m['params'] / 1e6:.2f}M" if m["params"] else "-" for m in models], ""),
             ("loss (nats/token)", [f"{m['loss']:.4f}" for m in models], ""),
             ("perplexity", [f"{m['perplexity']:.2f}" for m in models], ""),
             ("bits/byte", [f"{m['bits_per_byte']:.4f}" for m in models], ""),
             (f"cloze acc ({report['cloze_items']} items)", [pct(m["cloze_acc"], m["cloze_acc_ci"]) for m in models],
              "25%"),
             ("cloze acc per byte", [pct(m["cloze_acc_bytes"], m["cloze_acc_bytes_ci"]) for m in models], "25%")]
+    if report["beginnings"]:
+        story = [m.get("story") for m in models]
+        cells = lambda key, form: [format(s[key], form) if s else "-" for s in story]
+        rows += [(f"completions ({len(report['beginnings'])}): repeated 4-grams", cells("repetition", ".1%"), ""),
+                 ("distinct bigrams", cells("distinct_2", ".1%"), ""),
+                 ("reach end-of-text", cells("ended", ".0%"), ""),
+                 ("beginning's characters carry on", cells("cast_kept", ".0%"), ""),
+                 ("a new name takes over", cells("newcomer_takes_over", ".0%"), ""),
+                 ("a new animal or person appears", cells("new_creatures", ".0%"), "")]
     for category, guess in report["chance"]["probes"].items():
         n = models[0]["probes"][category]["n"]
         for key, label in (("acc", "acc"), ("acc_bytes", "acc per byte")):
@@ -153,10 +226,19 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def train_files(spec: str) -> list[str]:
+    try:
+        return resolve_files(spec) or []
+    except FileNotFoundError:
+        return []
+
+
 def load_inputs(args):
     """The stories, cloze items and probes, checked before any model is loaded."""
     for flag, value, least in (("--batch_size", args.batch_size, 1), ("--block_size", args.block_size, 1),
-                               ("--completion_tokens", args.completion_tokens, 0)):
+                               ("--completion_tokens", args.completion_tokens, 0), ("--completions", args.completions, 0),
+                               ("--story_tokens", args.story_tokens, 1), ("--temperature", args.temperature, 0),
+                               ("--top_k", args.top_k, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if len(set(args.model)) < len(args.model):
@@ -170,6 +252,11 @@ def load_inputs(args):
     if args.cloze_items is not None and not 1 <= args.cloze_items <= len(stories):
         raise ValueError(f"--cloze_items {args.cloze_items}: {args.data} holds {len(stories)} stories and the cloze "
                          f"takes at most one item from each; ask for 1 to {len(stories)}")
+    if args.baseline and not train_files(args.train):
+        raise ValueError(f"--baseline {args.baseline} fits on --train {args.train}, which matches no file; pass the "
+                         "models' training stories with --train")
+    if not 1 <= args.order <= 6:
+        raise ValueError(f"--order must be 1 to 6, got {args.order}")
     items = cloze_items(stories, args.cloze_items or len(stories), args.seed)
     if not items:
         raise ValueError(f"{args.data} has no story of 4 sentences or more, so no cloze item can be built")
@@ -181,16 +268,27 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         stories, items, probes = load_inputs(args)
+        beginnings = story_beginnings(stories, args.completions, args.seed)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     report = {"data": args.data, "stories": len(stories), "cloze_items": len(items), "seed": args.seed,
+              "beginnings": beginnings, "sampling": {"temperature": args.temperature, "top_k": args.top_k,
+                                                     "max_new_tokens": args.story_tokens},
               "probes_file": args.probes, "probes": probes, "chance": chance(probes), "models": {}}
     for name in args.model:
         print(f"# scoring {name} ...", file=sys.stderr)
         try:
-            report["models"][name] = evaluate_model(name, args, stories, items, probes, device)
+            report["models"][name] = evaluate_model(name, args, items, probes, beginnings, device)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --model {name}: {e}") from None
+    if args.baseline:
+        print(f"# fitting the {args.order}-gram baseline on {args.train} ...", file=sys.stderr)
+        report["models"][f"{args.order}-gram"] = evaluate_baseline(args, stories, items, probes)
+    # names: the held-out stories' characters, and any a model made up ("Zib said")
+    names = character_names(stories + [c for m in report["models"].values() for c in m.get("completions", [])])
+    for result in report["models"].values():
+        if "completions" in result:
+            result["story"] = completion_metrics(beginnings, result["completions"], result["completions_ended"], names)
     print(table(report))
     if args.json:
         atomic_write(args.json, lambda p: write_text(p, json.dumps(report, indent=2) + "\n"))

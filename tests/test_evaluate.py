@@ -46,6 +46,26 @@ def test_an_untrained_model_scores_chance(untrained, tmp_path, capsys):
     assert "cloze acc" in table and "probes reasoning acc" in table and folder in table.splitlines()[0]
 
 
+def test_the_ngram_baseline_and_the_completions(untrained, tmp_path, capsys):
+    folder, _ = untrained
+    held_out = write_txt(tmp_path / "held_out.txt", make_stories(120, 11))
+    train = write_txt(tmp_path / "train.txt", make_stories(2000, 12))
+    evaluate_main(["--model", folder, "--data", held_out, "--baseline", "ngram", "--train", train, "--completions", "6",
+                   "--story_tokens", "12", "--completion_tokens", "0", "--json", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    counted, untrained_model = report["models"]["4-gram"], report["models"][folder]
+    assert counted["bits_per_byte"] < 0.5 * untrained_model["bits_per_byte"]  # counting learns these stories
+    assert counted["cloze_acc"] > 0 and "all" in counted["probes"] and "completions" not in counted
+    assert len(report["beginnings"]) == len(untrained_model["completions"]) == 6
+    assert set(untrained_model["story"]) == {"repetition", "distinct_2", "ended", "cast_kept", "newcomer_takes_over",
+                                             "new_creatures"}
+    again = tmp_path / "again.json"  # seeded: a rerun writes the same stories
+    evaluate_main(["--model", folder, "--data", held_out, "--completions", "6", "--story_tokens", "12",
+                   "--completion_tokens", "0", "--json", str(again)])
+    assert json.loads(again.read_text())["models"][folder]["completions"] == untrained_model["completions"]
+    assert "4-gram" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_mistakes_are_one_sentence_before_any_scoring(untrained, tmp_path, capsys):
     folder, data = untrained
 
@@ -68,6 +88,9 @@ def test_mistakes_are_one_sentence_before_any_scoring(untrained, tmp_path, capsy
     assert fails("--model", folder, "--data", str(tmp_path / "nothing.txt")).startswith("error: --data ")
     assert fails("--model", folder, "--model", folder, "--data", data) == "error: a --model is given twice; each " \
                                                                          "model is one column"
+    assert fails("--model", folder, "--data", data, "--baseline", "ngram", "--train", str(tmp_path / "no*.txt")) == (
+        f"error: --baseline ngram fits on --train {tmp_path / 'no*.txt'}, which matches no file; pass the models' "
+        "training stories with --train")
 
 
 def test_help_reads_as_a_guide():
