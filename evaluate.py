@@ -18,10 +18,12 @@ from corpus import non_empty, read_stories, resolve_files
 from dataload import encode_batches, gpt_neo_tokenizer
 from devices import pick_device
 from evalsets import character_names, cloze_items, probe_continuation, read_probes, story_beginnings
+from judge import JudgeError, grade_all, summarize
 from model import resolve_pretrained
 from ngram import NGram, stream_logprob
 from ngram import continuation_logprobs as ngram_continuation_logprobs
-from scoring import continuation_logprobs, evaluate_file
+from report import render, table
+from scoring import continuation_logprobs, evaluate_file, token_view
 from storage import atomic_write, write_text
 from storymetrics import completion_metrics
 
@@ -35,6 +37,8 @@ GUIDE = """what it measures, per model:
                ending and the context's character names, so that only coherence tells them apart. Chance is 25%
   probes       short prompts in three kinds (factual, reasoning, context tracking) with one right and several
                wrong endings; --probes reads any JSONL file of {"category", "prompt", "right", "wrong"} lines
+  baseline     --baseline ngram: an interpolated Kneser-Ney 4-gram of GPT-Neo tokens fitted on --train, scored on
+               the loss, cloze and probes: what counting alone gets
   completions  --completions held-out stories cut mid-sentence, completed by each model with the same seeded
                sampling: repeated 4-grams, distinct bigrams, the share that reach end-of-text, whether the
                beginning's named characters carry on, and whether a newcomer takes over (see storymetrics.py for
@@ -46,6 +50,7 @@ Wilson interval; a model whose interval holds chance has shown nothing.
 examples:
   python evaluate.py --model out/quickstart/best --data ../shared/data/tinystories_test.txt
   python evaluate.py --model out/quickstart/best --model roneneldan/TinyStories-1M --data test.txt --json r.json
+  python evaluate.py --model out/laptop/best --data test.txt --baseline ngram --train "train/*.txt" --report r.html
 """
 
 
@@ -76,8 +81,16 @@ def parse_args(argv=None):
                    "n-gram model of GPT-Neo tokens fitted on --train: what counting alone gets")
     p.add_argument("--train", default=TRAIN_GLOB, help=f"the baseline's training stories (default: {TRAIN_GLOB})")
     p.add_argument("--order", type=int, default=4, help="the baseline's n")
+    p.add_argument("--judge", default=None, metavar="URL", help="grade each completion as the paper does, by a judge "
+                   "model at this OpenAI-compatible base URL (OpenAI, vLLM, llama.cpp's server, Ollama)")
+    p.add_argument("--judge_model", default=None, help="the judge's model name, e.g. gpt-4o or llama3.1")
+    p.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument("--judge_cache", default="out/judge_cache", help="grades already asked for, reused on a rerun")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    p.add_argument("--report", default=None, metavar="PATH", help="write one self-contained HTML page: the table, "
+                   "charts, every probe with each model's completion, and held-out stories token by token")
+    p.add_argument("--report_stories", type=int, default=3, help="held-out stories the report shows token by token")
     return p.parse_args(argv)
 
 
@@ -101,10 +114,9 @@ def accuracy(scores: list[list[tuple[float, int]]], answers: list[int]) -> dict:
     return result
 
 
-def score_options(model, tokenizer, contexts: list[str], options: list[list[str]], args, device) -> list[list]:
-    """(nats, bytes) of every option of every item, batched over all of them."""
-    pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
-    flat = iter(continuation_logprobs(model, tokenizer, pairs, args.batch_size, device))
+def per_item(score_pairs, contexts: list[str], options: list[list[str]]) -> list[list]:
+    """score_pairs over every (context, option) pair at once (so batches fill up), regrouped per item."""
+    flat = iter(score_pairs([(c, o) for c, opts in zip(contexts, options) for o in opts]))
     return [[next(flat) for _ in opts] for opts in options]
 
 
@@ -118,18 +130,20 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, device) -> str:
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).split("\n")[0]
 
 
-def evaluate_model(name: str, args, items, probes, beginnings, device) -> dict:
+def evaluate_model(name: str, args, items, probes, beginnings, shown, device) -> dict:
     """Every number of one model."""
     model, tokenizer = load_model_and_tokenizer(name, device)
     t0 = time.time()
     result = {"params": model.num_params()}
     block_size = min(args.block_size, model.config.max_position_embeddings)
     result.update(evaluate_file(model, tokenizer, args.data, args.batch_size, block_size, device))
-    result.update(multiple_choice(lambda contexts, options: score_options(model, tokenizer, contexts, options, args,
-                                                                          device), items, probes))
+    result.update(multiple_choice(lambda pairs: continuation_logprobs(model, tokenizer, pairs, args.batch_size, device),
+                                  items, probes))
     if args.completion_tokens:
         result["probe_completions"] = [complete(model, tokenizer, p["prompt"], args.completion_tokens, device)
                                        for p in probes]
+    if args.report:
+        result["token_views"] = [token_view(model, tokenizer, story, device=device) for story in shown]
     stories = [write_story(model, tokenizer, b, args, args.seed * 100_000 + j, device) for j, b in enumerate(beginnings)]
     result["completions"], result["completions_ended"] = [s for s, _ in stories], [e for _, e in stories]
     result["seconds"] = time.time() - t0
@@ -147,24 +161,17 @@ def evaluate_baseline(args, stories, items, probes) -> dict:
     n_bytes = sum(len(s.encode("utf-8")) for s in stories)
     result = {"params": None, "loss": -nats / n, "perplexity": math.exp(-nats / n),
               "bits_per_byte": -nats / math.log(2) / n_bytes, "tokens": n, "bytes": n_bytes}
-    score = lambda contexts, options: ngram_options(lm, tokenizer, contexts, options)
-    result.update(multiple_choice(score, items, probes))
+    result.update(multiple_choice(lambda pairs: ngram_continuation_logprobs(lm, tokenizer, pairs), items, probes))
     result["seconds"] = time.time() - t0
     return result
 
 
-def ngram_options(lm, tokenizer, contexts, options):
-    pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
-    flat = iter(ngram_continuation_logprobs(lm, tokenizer, pairs))
-    return [[next(flat) for _ in opts] for opts in options]
-
-
-def multiple_choice(score, items, probes) -> dict:
-    """Cloze and probe accuracies, with `score(contexts, options)` giving (nats, bytes) per option."""
-    result = {f"cloze_{k}": v for k, v in accuracy(score([i.context for i in items], [i.options for i in items]),
-                                                   [i.answer for i in items]).items()}
+def multiple_choice(score_pairs, items, probes) -> dict:
+    """Cloze and probe accuracies, score_pairs giving (nats, bytes) for (context, option) pairs."""
+    cloze = per_item(score_pairs, [i.context for i in items], [i.options for i in items])
+    result = {f"cloze_{k}": v for k, v in accuracy(cloze, [i.answer for i in items]).items()}
     options = [[probe_continuation(p["prompt"], a) for a in [p["right"], *p["wrong"]]] for p in probes]
-    probe_scores = score([p["prompt"] for p in probes], options)
+    probe_scores = per_item(score_pairs, [p["prompt"] for p in probes], options)
     result["probes"] = {}
     for category in sorted({p["category"] for p in probes}) + ["all"]:
         chosen = [j for j, p in enumerate(probes) if category in ("all", p["category"])]
@@ -176,6 +183,8 @@ def write_story(model, tokenizer, beginning: str, args, seed: int, device) -> tu
     """(completion, reached end-of-text) of a beginning, sampled with the completions' settings and its own seed."""
     ids = tokenizer.encode(beginning)
     room = min(args.story_tokens, model.config.max_position_embeddings - len(ids))
+    if room <= 0:
+        return "", False  # a beginning as long as the model's context leaves no room
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(torch.tensor([ids], device=device), room, temperature=args.temperature,
                          top_k=args.top_k or None, eos_token_id=tokenizer.eos_token_id, generator=generator)
@@ -191,41 +200,6 @@ def chance(probes: list[dict]) -> dict:
     return {"cloze": 0.25, "probes": {c: sum(v) / len(v) for c, v in by.items()}}
 
 
-def table(report: dict) -> str:
-    """The side-by-side table: one row per number, one column per model, then chance."""
-    names = list(report["models"])
-    models = [report["models"][n] for n in names]
-    pct = lambda acc, ci: f"{100 * acc:.1f}% [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]"
-    rows = [("parameters", [f"{m['params'] / 1e6:.2f}M" if m["params"] else "-" for m in models], ""),
-            ("loss (nats/token)", [f"{m['loss']:.4f}" for m in models], ""),
-            ("perplexity", [f"{m['perplexity']:.2f}" for m in models], ""),
-            ("bits/byte", [f"{m['bits_per_byte']:.4f}" for m in models], ""),
-            (f"cloze acc ({report['cloze_items']} items)", [pct(m["cloze_acc"], m["cloze_acc_ci"]) for m in models],
-             "25%"),
-            ("cloze acc per byte", [pct(m["cloze_acc_bytes"], m["cloze_acc_bytes_ci"]) for m in models], "25%")]
-    if report["beginnings"]:
-        story = [m.get("story") for m in models]
-        cells = lambda key, form: [format(s[key], form) if s else "-" for s in story]
-        rows += [(f"completions ({len(report['beginnings'])}): repeated 4-grams", cells("repetition", ".1%"), ""),
-                 ("distinct bigrams", cells("distinct_2", ".1%"), ""),
-                 ("reach end-of-text", cells("ended", ".0%"), ""),
-                 ("beginning's characters carry on", cells("cast_kept", ".0%"), ""),
-                 ("a new name takes over", cells("newcomer_takes_over", ".0%"), ""),
-                 ("a new animal or person appears", cells("new_creatures", ".0%"), "")]
-    for category, guess in report["chance"]["probes"].items():
-        n = models[0]["probes"][category]["n"]
-        for key, label in (("acc", "acc"), ("acc_bytes", "acc per byte")):
-            rows.append((f"probes {category} {label} ({n})",
-                         [pct(m["probes"][category][key], m["probes"][category][key + "_ci"]) for m in models],
-                         f"{100 * guess:.0f}%"))
-    widths = [max(len(r[0]) for r in rows)] + [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in
-                                                enumerate(names)]
-    lines = ["  ".join([" " * widths[0]] + [n.ljust(w) for n, w in zip(names, widths[1:])] + ["chance"])]
-    for label, cells, guess in rows:
-        lines.append("  ".join([label.ljust(widths[0])] + [c.ljust(w) for c, w in zip(cells, widths[1:])] + [guess]))
-    return "\n".join(lines)
-
-
 def train_files(spec: str) -> list[str]:
     try:
         return resolve_files(spec) or []
@@ -238,7 +212,7 @@ def load_inputs(args):
     for flag, value, least in (("--batch_size", args.batch_size, 1), ("--block_size", args.block_size, 1),
                                ("--completion_tokens", args.completion_tokens, 0), ("--completions", args.completions, 0),
                                ("--story_tokens", args.story_tokens, 1), ("--temperature", args.temperature, 0),
-                               ("--top_k", args.top_k, 0)):
+                               ("--top_k", args.top_k, 0), ("--report_stories", args.report_stories, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if len(set(args.model)) < len(args.model):
@@ -255,6 +229,10 @@ def load_inputs(args):
     if args.baseline and not train_files(args.train):
         raise ValueError(f"--baseline {args.baseline} fits on --train {args.train}, which matches no file; pass the "
                          "models' training stories with --train")
+    if bool(args.judge) != bool(args.judge_model):
+        raise ValueError("--judge URL and --judge_model NAME go together")
+    if args.judge and not args.completions:
+        raise ValueError("--judge grades the completions, and --completions is 0")
     if not 1 <= args.order <= 6:
         raise ValueError(f"--order must be 1 to 6, got {args.order}")
     items = cloze_items(stories, args.cloze_items or len(stories), args.seed)
@@ -278,18 +256,33 @@ def main(argv=None):
     for name in args.model:
         print(f"# scoring {name} ...", file=sys.stderr)
         try:
-            report["models"][name] = evaluate_model(name, args, items, probes, beginnings, device)
+            report["models"][name] = evaluate_model(name, args, items, probes, beginnings,
+                                                    stories[:args.report_stories], device)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --model {name}: {e}") from None
     if args.baseline:
         print(f"# fitting the {args.order}-gram baseline on {args.train} ...", file=sys.stderr)
         report["models"][f"{args.order}-gram"] = evaluate_baseline(args, stories, items, probes)
+    if args.judge:
+        try:
+            for name, result in report["models"].items():
+                if "completions" in result:
+                    print(f"# {args.judge_model} grades {name}'s completions ...", file=sys.stderr)
+                    grades, counts = grade_all(list(zip(beginnings, result["completions"])), args.judge,
+                                               args.judge_model, args.judge_cache, os.environ.get(args.judge_key_env))
+                    result["judge"] = {**summarize(grades), **counts, "grades": grades}
+        except JudgeError as e:
+            raise SystemExit(f"error: --judge: {e}") from None
     # names: the held-out stories' characters, and any a model made up ("Zib said")
     names = character_names(stories + [c for m in report["models"].values() for c in m.get("completions", [])])
     for result in report["models"].values():
         if "completions" in result:
             result["story"] = completion_metrics(beginnings, result["completions"], result["completions_ended"], names)
-    print(table(report))
+    text = table(report)
+    print(text)
+    if args.report:
+        atomic_write(args.report, lambda p: write_text(p, render(report, text)))
+        print(f"# report in {args.report}", file=sys.stderr)
     if args.json:
         atomic_write(args.json, lambda p: write_text(p, json.dumps(report, indent=2) + "\n"))
         print(f"# every number in {args.json}", file=sys.stderr)

@@ -100,3 +100,23 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
             offset += n
     model.train(was_training)
     return [(nats, len(continuation.encode("utf-8"))) for nats, (_, continuation) in zip(results, pairs)]
+
+
+@torch.inference_mode()
+def token_view(model, tokenizer, text: str, top: int = 5, device="cpu") -> list[dict]:
+    """Each token of a text (after an end-of-text start) with its loss in nats and the model's `top` most likely
+    tokens at that point: [{"token": " cat", "loss": 2.1, "top": [[" dog", 0.31], ...]}, ...]. A text longer than
+    the model's context is cut to it."""
+    ids = ([tokenizer.eos_token_id] + tokenizer.encode(text))[:model.config.max_position_embeddings + 1]
+    was_training = model.training
+    model.eval()
+    logits = model(torch.tensor([ids[:-1]], device=device))[0][0].float()  # (T, vocab)
+    model.train(was_training)
+    logp = logits.log_softmax(-1)
+    best = logp.topk(top, dim=-1)
+    view = []
+    for t, token in enumerate(ids[1:]):
+        candidates = [[tokenizer.decode([i]), round(math.exp(p), 4)]
+                      for p, i in zip(best.values[t].tolist(), best.indices[t].tolist())]
+        view.append({"token": tokenizer.decode([token]), "loss": -float(logp[t, token]), "top": candidates})
+    return view

@@ -66,6 +66,32 @@ def test_the_ngram_baseline_and_the_completions(untrained, tmp_path, capsys):
     assert "4-gram" in capsys.readouterr().out.splitlines()[0]
 
 
+def test_the_report_is_one_self_contained_page(untrained, tmp_path):
+    from html.parser import HTMLParser
+    folder, data = untrained
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.fetches, self.tokens = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.append(tag)
+            self.fetches += [v for k, v in attrs.items() if k in ("src", "href", "srcset", "data", "action") and v]
+            if tag == "span" and "title" in attrs and "top 5" in attrs["title"]:
+                self.tokens.append(attrs["title"])
+    evaluate_main(["--model", folder, "--data", data, "--completions", "2", "--story_tokens", "8",
+                   "--completion_tokens", "3", "--report", str(tmp_path / "r.html"), "--report_stories", "2"])
+    text = (tmp_path / "r.html").read_text()
+    page = Page()
+    page.feed(text)
+    assert page.fetches == [] and "script" not in page.tags and "link" not in page.tags and "url(" not in text
+    assert page.tags.count("svg") == 5  # the cloze and each probe category, and all probes
+    assert len(page.tokens) > 100 and "bits/byte" in text  # two stories token by token, and the table
+    assert "Lily was very tired after playing all day, so she went to" in text  # every probe with its completion
+
+
 def test_mistakes_are_one_sentence_before_any_scoring(untrained, tmp_path, capsys):
     folder, data = untrained
 

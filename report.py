@@ -1,0 +1,141 @@
+"""How evaluate.py shows its numbers: the side-by-side table for the terminal, and the HTML report, one
+self-contained page (inline CSS and SVG, no script, nothing fetched).
+
+    text = table(report)                  # report: what evaluate.py writes with --json
+    html = render(report, text)
+
+It shows the table, a bar chart per probe category and for the cloze, every probe with each model's greedy
+completion, and held-out stories token by token for each model side by side: a token's colour is its loss, and
+hovering shows the model's five most likely tokens at that point.
+"""
+
+import html
+
+BAR_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2")
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }
+table.probes { border-collapse: collapse; font-size: 12px; width: 100%; }
+table.probes td, table.probes th { border-bottom: 1px solid #ddd; padding: 3px 6px; vertical-align: top; text-align: left; }
+.right { color: #2a7a2a; } .wrong { color: #a33; }
+.stories { display: grid; gap: 1em; }
+.story { white-space: pre-wrap; font: 13px/1.7 ui-monospace, monospace; border: 1px solid #ddd; padding: .6em; }
+.story span { border-radius: 2px; }
+.charts { display: flex; flex-wrap: wrap; gap: 1.5em; }
+"""
+
+
+def esc(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def loss_color(loss: float) -> str:
+    """White at 0 nats, through yellow, to red at 8 nats and beyond."""
+    x = max(0.0, min(loss / 8.0, 1.0))
+    green = int(255 - 200 * x)
+    blue = int(255 - 255 * min(1.0, 2 * x))
+    return f"rgb(255,{green},{blue})"
+
+
+def bar_chart(title: str, values: dict, chance: float) -> str:
+    """An inline SVG of one accuracy per model, with chance as a dashed line."""
+    width, height, left, bar = 320, 40 + 26 * len(values), 150, 18
+    parts = [f'<svg width="{width}" height="{height}" role="img">',
+             f'<text x="0" y="14" font-weight="bold" font-size="13">{esc(title)}</text>']
+    for i, (name, acc) in enumerate(values.items()):
+        y = 26 + 26 * i
+        parts.append(f'<text x="0" y="{y + 13}" font-size="11">{esc(name[-24:])}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{(width - left - 40) * acc:.1f}" height="{bar}" '
+                     f'fill="{BAR_COLORS[i % len(BAR_COLORS)]}"/>')
+        parts.append(f'<text x="{left + (width - left - 40) * acc + 4:.1f}" y="{y + 13}" font-size="11">'
+                     f'{100 * acc:.0f}%</text>')
+    x = left + (width - left - 40) * chance
+    parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="22" y2="{height}" stroke="#555" stroke-dasharray="4 3"/>')
+    parts.append(f'<text x="{x + 2:.1f}" y="{height - 2}" font-size="10" fill="#555">chance</text></svg>')
+    return "".join(parts)
+
+
+def token_spans(view: list[dict]) -> str:
+    """A story as tokens coloured by loss; each one's title lists the model's top candidates there."""
+    spans = []
+    for t in view:
+        tip = f"loss {t['loss']:.2f} nats; the model's top 5:\n" + "\n".join(
+            f"{100 * p:5.1f}%  {tok!r}" for tok, p in t["top"])
+        spans.append(f'<span style="background:{loss_color(t["loss"])}" title="{esc(tip)}">{esc(t["token"])}</span>')
+    return "".join(spans)
+
+
+def table(report: dict) -> str:
+    """The side-by-side table: one row per number, one column per model, then chance."""
+    names = list(report["models"])
+    models = [report["models"][n] for n in names]
+    pct = lambda acc, ci: f"{100 * acc:.1f}% [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]"
+    rows = [("parameters", [f"{m['params'] / 1e6:.2f}M" if m["params"] else "-" for m in models], ""),
+            ("loss (nats/token)", [f"{m['loss']:.4f}" for m in models], ""),
+            ("perplexity", [f"{m['perplexity']:.2f}" for m in models], ""),
+            ("bits/byte", [f"{m['bits_per_byte']:.4f}" for m in models], ""),
+            (f"cloze acc ({report['cloze_items']} items)", [pct(m["cloze_acc"], m["cloze_acc_ci"]) for m in models],
+             "25%"),
+            ("cloze acc per byte", [pct(m["cloze_acc_bytes"], m["cloze_acc_bytes_ci"]) for m in models], "25%")]
+    if report["beginnings"]:
+        story = [m.get("story") for m in models]
+        cells = lambda key, form: [format(s[key], form) if s else "-" for s in story]
+        rows += [(f"completions ({len(report['beginnings'])}): repeated 4-grams", cells("repetition", ".1%"), ""),
+                 ("distinct bigrams", cells("distinct_2", ".1%"), ""),
+                 ("reach end-of-text", cells("ended", ".0%"), ""),
+                 ("beginning's characters carry on", cells("cast_kept", ".0%"), ""),
+                 ("a new name takes over", cells("newcomer_takes_over", ".0%"), ""),
+                 ("a new animal or person appears", cells("new_creatures", ".0%"), "")]
+    judged = [m.get("judge") for m in models]
+    if any(judged):
+        for score in ("grammar", "creativity", "consistency", "plot"):
+            rows.append((f"judge: {score} (0-10)", [f"{j[score]:.2f}" if j and j[score] is not None else "-"
+                                                    for j in judged], ""))
+        rows.append(("judge: parsed / unparseable / failed", [f"{j['parsed']} / {j['unparseable']} / {j['failed']}"
+                                                               if j else "-" for j in judged], ""))
+    for category, guess in report["chance"]["probes"].items():
+        n = models[0]["probes"][category]["n"]
+        for key, label in (("acc", "acc"), ("acc_bytes", "acc per byte")):
+            rows.append((f"probes {category} {label} ({n})",
+                         [pct(m["probes"][category][key], m["probes"][category][key + "_ci"]) for m in models],
+                         f"{100 * guess:.0f}%"))
+    widths = [max(len(r[0]) for r in rows)] + [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in
+                                                enumerate(names)]
+    lines = ["  ".join([" " * widths[0]] + [n.ljust(w) for n, w in zip(names, widths[1:])] + ["chance"])]
+    for label, cells, guess in rows:
+        lines.append("  ".join([label.ljust(widths[0])] + [c.ljust(w) for c, w in zip(cells, widths[1:])] + [guess]))
+    return "\n".join(lines)
+
+
+def render(report: dict, table_text: str) -> str:
+    names = list(report["models"])
+    models = report["models"]
+    charts = [bar_chart(f"story cloze ({report['cloze_items']} items)", {n: models[n]["cloze_acc"] for n in names},
+                        report["chance"]["cloze"])]
+    for category, guess in report["chance"]["probes"].items():
+        charts.append(bar_chart(f"probes: {category}", {n: models[n]["probes"][category]["acc"] for n in names}, guess))
+    head = "".join(f"<th>{esc(n)}</th>" for n in names if "probe_completions" in models[n])
+    rows = []
+    for j, probe in enumerate(report["probes"]):
+        cells = "".join(f"<td>{esc(models[n]['probe_completions'][j])}</td>" for n in names
+                        if "probe_completions" in models[n])
+        rows.append(f"<tr><td>{esc(probe['category'])}</td><td>{esc(probe['prompt'])} "
+                    f"<span class=right>{esc(probe['right'])}</span> / <span class=wrong>"
+                    f"{esc(' / '.join(probe['wrong']))}</span></td>{cells}</tr>")
+    views = [n for n in names if "token_views" in models[n]]
+    stories = []
+    for k in range(min((len(models[n]["token_views"]) for n in views), default=0)):
+        columns = "".join(f"<div><b>{esc(n)}</b><div class=story>{token_spans(models[n]['token_views'][k])}</div></div>"
+                          for n in views)
+        stories.append(f'<div class=stories style="grid-template-columns: repeat({len(views)}, 1fr)">{columns}</div>')
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>TinyLM evaluation</title>"
+            f"<style>{STYLE}</style></head><body><h1>TinyLM evaluation</h1>"
+            f"<p>{esc(report['data'])}: {report['stories']} stories, {report['cloze_items']} cloze items, "
+            f"{len(report['probes'])} probes, {len(report['beginnings'])} completions.</p>"
+            f"<h2>Side by side</h2><pre>{esc(table_text)}</pre>"
+            f"<h2>Accuracy</h2><div class=charts>{''.join(charts)}</div>"
+            f"<h2>Held-out stories, token by token</h2><p>Colour: the model's loss on the token (white 0 nats, red 8 "
+            f"or more). Hover over a token for the model's five most likely tokens there.</p>{''.join(stories)}"
+            f"<h2>Probes and each model's greedy completion</h2><table class=probes><tr><th>kind</th>"
+            f"<th>prompt, <span class=right>right</span> / <span class=wrong>wrong</span></th>{head}</tr>"
+            f"{''.join(rows)}</table></body></html>\n")
