@@ -56,7 +56,7 @@ examples:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Score one or more models side by side on held-out stories: loss, "
-                                "story cloze and capability probes.", epilog=GUIDE,
+                                "story cloze, capability probes and story completions.", epilog=GUIDE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="checkpoint folder or hub id; repeat to compare")
     p.add_argument("--data", required=True, help="held-out stories separated by <|endoftext|> (.txt, .jsonl or "

@@ -85,7 +85,7 @@ def table(report: dict) -> str:
                  ("reach end-of-text", cells("ended", ".0%"), ""),
                  ("beginning's characters carry on", cells("cast_kept", ".0%"), ""),
                  ("a new name takes over", cells("newcomer_takes_over", ".0%"), ""),
-                 ("a new animal or person appears", cells("new_creatures", ".0%"), "")]
+                 ("a new animal appears", cells("new_creatures", ".0%"), "")]
     judged = [m.get("judge") for m in models]
     if any(judged):
         for score in ("grammar", "creativity", "consistency", "plot"):

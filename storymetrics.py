@@ -8,12 +8,13 @@
 - distinct_2: distinct word bigrams over all bigrams of all completions (the same story every time scores low).
 - ended: the share of completions that reached end-of-text within the token budget.
 - cast_kept: of the beginnings that name a character, the share whose completion names one of them again.
-- newcomer_takes_over: the share of completions where a name the beginning never used is mentioned more often
-  than all of the beginning's names together.
-- new_creatures: the share of completions that bring in an animal or person noun ("the lion") that the beginning
-  does not have.
+- newcomer_takes_over: of the beginnings that name a character, the share whose completion mentions a name the
+  beginning never used more often than all of the beginning's names together.
+- new_creatures: the share of completions that bring in an animal or creature ("the lion") that the beginning
+  does not have (people are left out: "the girl" is mostly a character already named).
 
-What these cannot see: pronouns that change a character's sex ("Lily was a persistent boy"); a character renamed
+What these cannot see: a newcomer who only names someone the beginning left unnamed ("Her little brother, Tom");
+pronouns that change a character's sex ("Lily was a persistent boy"); a character renamed
 between two names that both occur in the beginning; facts that contradict the beginning (a broken toy that works
 again); a plot that does not make sense. A judge model (the paper's GPT-4 grading) or a human reads for those.
 """
@@ -24,12 +25,12 @@ from collections import Counter
 from evalsets import CAPITALIZED, names_in
 
 WORDS = re.compile(r"[a-z']+")
-# people and animals TinyStories' characters are made of: a completion that brings in one the beginning lacks
-# has a new character who was never introduced
+# animals and creatures TinyStories' characters are made of: a completion that brings in one the beginning lacks
+# has a character who was never introduced
 CREATURES = frozenset(
-    "ant bear bee bird boy bug bunny butterfly cat chicken cow crab deer dinosaur dog dolphin dragon duck elephant "
-    "fairy fish fox frog giraffe girl goat horse kitten lady lion man monkey monster mouse owl pig pony princess "
-    "puppy queen rabbit robot sheep snake spider squirrel tiger turtle whale wolf woman worm zebra".split())
+    "ant bear bee bird bug bunny butterfly cat chicken cow crab deer dinosaur dog dolphin dragon duck elephant "
+    "fairy fish fox frog giraffe goat horse kitten lion monkey monster mouse owl pig pony puppy rabbit robot sheep "
+    "snake spider squirrel tiger turtle whale wolf worm zebra".split())
 
 
 def repetition(text: str, n: int = 4) -> float:
@@ -54,8 +55,7 @@ def completion_metrics(beginnings: list[str], completions: list[str], ended: lis
     """The measures above, for completions of the beginnings (and whether each reached end-of-text)."""
     named = [(names_in(b, names), c) for b, c in zip(beginnings, completions) if names_in(b, names)]
     takeovers = 0
-    for beginning, completion in zip(beginnings, completions):
-        cast = set(names_in(beginning, names))
+    for cast, completion in named:
         mentions = Counter(w for w in CAPITALIZED.findall(completion) if w in names)
         newcomers = [count for name, count in mentions.items() if name not in cast]
         takeovers += bool(newcomers) and max(newcomers) > sum(mentions[name] for name in cast)
@@ -64,5 +64,5 @@ def completion_metrics(beginnings: list[str], completions: list[str], ended: lis
             "distinct_2": distinct(completions),
             "ended": sum(ended) / n,
             "cast_kept": sum(bool(set(cast) & set(CAPITALIZED.findall(c))) for cast, c in named) / max(len(named), 1),
-            "newcomer_takes_over": takeovers / n,
+            "newcomer_takes_over": takeovers / max(len(named), 1),
             "new_creatures": sum(bool(creatures_in(c) - creatures_in(b)) for b, c in zip(beginnings, completions)) / n}
