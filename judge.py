@@ -21,6 +21,7 @@ import urllib.request
 
 from storage import atomic_write, write_text
 
+GIVE_UP = 3  # stories in a row that no judge answered, each after its retries, before the first answer: stop
 SCORES = ("grammar", "creativity", "consistency", "plot")
 AGE_GROUPS = {"A": "3 or under", "B": "4-5", "C": "6-7", "D": "8-9", "E": "10-12", "F": "13-16"}
 RUBRIC = (
@@ -102,9 +103,12 @@ def grade_all(pairs: list[tuple[str, str]], url: str, model: str, cache_dir: str
         else:
             try:
                 reply = ask(url, model, story, api_key, timeout, retries, backoff)
-            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
+            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
                 grades.append(None)
                 counts["failed"] += 1
+                if counts["failed"] == GIVE_UP and not counts["graded"] + counts["cached"]:
+                    raise JudgeError(f"no judge answered at {endpoint(url)} in {GIVE_UP} tries ({type(e).__name__}: "
+                                     f"{e}); is the server running, and is the URL its OpenAI-compatible base?") from None
                 continue
             grade = parse_grade(reply if isinstance(reply, str) else "")
             record = {"model": model, "story": story, "reply": reply}
