@@ -312,3 +312,18 @@ def load_model_and_tokenizer(name_or_path: str, device):
         raise ValueError(f"{os.path.join(folder, 'tokenizer.json')} has {len(tokenizer)} tokens but the model only "
                          f"{model.config.vocab_size}: put the tokenizer.json the model was trained with into {folder}")
     return model, tokenizer
+
+
+def run_folder_model(name: str) -> str:
+    """A training run's folder (out/quickstart) stands for the best model it holds (out/quickstart/best); a
+    folder of runs (out/) is an error that names what it holds."""
+    if not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
+        return name
+    best = os.path.join(name, "best")
+    if is_model_folder(best, name):
+        print(f"# {name} is a training run: using its best model, {best}", file=sys.stderr)
+        return best
+    newest, _ = newest_model(name)
+    if newest is not None:
+        raise ValueError(f"{name} is no model folder but holds some, e.g. {newest}: pass that one with --model")
+    return name

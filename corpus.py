@@ -128,6 +128,8 @@ def read_stories(files: list[str]):
     for path in files:
         if os.path.getsize(path) == 0:
             raise ValueError(f"{path} is empty; remove it from the data or point at the right file")
+        if not path.endswith(FILE_TYPES):
+            raise ValueError(f"{path} is not a {', '.join(FILE_TYPES)} file; stories come in one of those")
         reader = read_txt if path.endswith(".txt") else read_jsonl if path.endswith(".jsonl") else read_parquet
         yield from reader(path)
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import load_model_and_tokenizer
+from checkpoint import load_model_and_tokenizer, run_folder_model
 from corpus import non_empty, read_stories, resolve_files
 from dataload import encode_batches, gpt_neo_tokenizer
 from devices import pick_device
@@ -24,7 +24,7 @@ from ngram import NGram, stream_logprob
 from ngram import continuation_logprobs as ngram_continuation_logprobs
 from report import render, table
 from scoring import continuation_logprobs, evaluate_file, token_view
-from storage import atomic_write, write_text
+from storage import atomic_write, storage_failure, write_text
 from storymetrics import completion_metrics
 
 TRAIN_GLOB = "../shared/data/tinystories_train_*.txt"  # the README's train files
@@ -217,8 +217,16 @@ def load_inputs(args):
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if len(set(args.model)) < len(args.model):
         raise ValueError("a --model is given twice; each model is one column")
-    for name in args.model:
-        resolve_pretrained(name)  # a missing folder, or a hub id offline, fails here, before any scoring
+    args.model = [run_folder_model(name) for name in args.model]  # a run folder stands for its best/
+    for name in args.model:  # a missing folder or config.json, or a hub id offline, fails here, before any scoring
+        if not os.path.isfile(os.path.join(resolve_pretrained(name), "config.json")):
+            raise ValueError(f"--model {name} has no config.json; point at a model folder, e.g. out/quickstart/best")
+    for flag, path in (("--json", args.json), ("--report", args.report)):
+        if path:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"{flag} {path}: {storage_failure(e, os.path.dirname(path), flag) or e}") from None
     if not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data {args.data} is no file; pass held-out stories, e.g. "
                                 "../shared/data/tinystories_test.txt")

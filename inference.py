@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from checkpoint import is_model_folder, load_model_and_tokenizer, newest_model
+from checkpoint import load_model_and_tokenizer, newest_model, run_folder_model
 from devices import pick_device
 from model import DECODE_BACKENDS, resolve_pretrained
 from scoring import evaluate_file
@@ -63,21 +63,6 @@ def resolve_model(name: str | None) -> str:
                          "train a model first, which offline takes a text file of stories (python train.py --config "
                          "config/quickstart.config --set data.dataset=path/to/stories.txt), or pass --model "
                          "PATH_OR_HUB_ID") from None
-
-
-def run_folder_model(name: str) -> str:
-    """A training run's folder (out/quickstart) stands for the best model it holds (out/quickstart/best); a
-    folder of runs (out/) is an error that names what it holds."""
-    if not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
-        return name
-    best = os.path.join(name, "best")
-    if is_model_folder(best, name):
-        print(f"# {name} is a training run: sampling from its best model, {best}", file=sys.stderr)
-        return best
-    newest, _ = newest_model(name)
-    if newest is not None:
-        raise ValueError(f"{name} is no model folder but holds some, e.g. {newest}: pass that one with --model")
-    return name
 
 
 def encode_prompt(tokenizer, prompt: str, device):

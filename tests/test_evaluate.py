@@ -114,6 +114,12 @@ def test_mistakes_are_one_sentence_before_any_scoring(untrained, tmp_path, capsy
     assert fails("--model", folder, "--data", str(tmp_path / "nothing.txt")).startswith("error: --data ")
     assert fails("--model", folder, "--model", folder, "--data", data) == "error: a --model is given twice; each " \
                                                                          "model is one column"
+    (tmp_path / "notes.md").write_text("Once upon a time.")
+    assert fails("--model", folder, "--data", str(tmp_path / "notes.md")) == (
+        f"error: {tmp_path / 'notes.md'} is not a .txt, .jsonl, .parquet file; stories come in one of those")
+    assert fails("--model", folder, "--data", data, "--json", str(tmp_path / "notes.md" / "r.json")) == (
+        f"error: --json {tmp_path / 'notes.md' / 'r.json'}: {tmp_path / 'notes.md'} is a file, not a folder; set "
+        "--json to a folder")
     assert fails("--model", folder, "--data", data, "--baseline", "ngram", "--train", str(tmp_path / "no*.txt")) == (
         f"error: --baseline ngram fits on --train {tmp_path / 'no*.txt'}, which matches no file; pass the models' "
         "training stories with --train")

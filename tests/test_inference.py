@@ -308,4 +308,4 @@ def test_cli_says_each_mistake_in_one_sentence(tmp_path, capsys):
     (run / "best" / "config.json").unlink()
     GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(str(run / "best"))
     inference_main(["--model", str(run), "--max_new_tokens", "3"])  # a run folder stands for its best model
-    assert f"{run} is a training run: sampling from its best model, {run / 'best'}" in capsys.readouterr().err
+    assert f"{run} is a training run: using its best model, {run / 'best'}" in capsys.readouterr().err
