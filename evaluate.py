@@ -132,7 +132,7 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, device) -> str:
 
 def evaluate_model(name: str, args, items, probes, beginnings, shown, device) -> dict:
     """Every number of one model."""
-    model, tokenizer = load_model_and_tokenizer(name, device)
+    model, tokenizer = load_model_and_tokenizer(args.folders[name], device)
     t0 = time.time()
     result = {"params": model.num_params()}
     block_size = min(args.block_size, model.config.max_position_embeddings)
@@ -217,9 +217,10 @@ def load_inputs(args):
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if len(set(args.model)) < len(args.model):
         raise ValueError("a --model is given twice; each model is one column")
-    args.model = [run_folder_model(name) for name in args.model]  # a run folder stands for its best/
-    for name in args.model:  # a missing folder or config.json, or a hub id offline, fails here, before any scoring
-        if not os.path.isfile(os.path.join(resolve_pretrained(name), "config.json")):
+    # a run folder stands for its best/; a missing folder or config.json, or a hub id offline, fails here
+    args.folders = {name: run_folder_model(name) for name in args.model}
+    for name, folder in args.folders.items():
+        if not os.path.isfile(os.path.join(resolve_pretrained(folder), "config.json")):
             raise ValueError(f"--model {name} has no config.json; point at a model folder, e.g. out/quickstart/best")
     for flag, path in (("--json", args.json), ("--report", args.report)):
         if path:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,6 +91,16 @@ def test_the_report_is_one_self_contained_page(untrained, tmp_path):
     assert page.tags.count("svg") == 5  # the cloze and each probe category, and all probes
     assert len(page.tokens) > 100 and "bits/byte" in text  # two stories token by token, and the table
     assert "Lily was very tired after playing all day, so she went to" in text  # every probe with its completion
+
+
+def test_a_run_folder_is_its_best_model_and_keeps_its_name(untrained, tmp_path):
+    folder, _ = untrained
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "best")
+    data = write_txt(tmp_path / "held_out.txt", make_stories(40, 5))
+    evaluate_main(["--model", str(run), "--data", data, "--completions", "0", "--completion_tokens", "0",
+                   "--json", str(tmp_path / "r.json")])
+    assert list(json.loads((tmp_path / "r.json").read_text())["models"]) == [str(run)]  # the argument as given
 
 
 def test_mistakes_are_one_sentence_before_any_scoring(untrained, tmp_path, capsys):
