@@ -5,13 +5,15 @@
 
 decode.c computes what GPTNeo.decode_step computes (fp32, eval mode, any mix of local and global heads), with
 no per-operation overhead: for TinyStories-1M a token costs about half of the compiled PyTorch step. It is
-compiled with the system's C compiler (`cc`, or $CC) into a temporary folder on first use in a process
-(about a second).
+compiled with the system's C compiler (`cc`, or $CC) once per machine (about a second) and kept in
+~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the source, the compiler, the flags and the CPU.
 """
 
 import ctypes
 import functools
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -19,6 +21,7 @@ import tempfile
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode.c")
+CACHE_ENV = "TINYLM_CACHE"  # relocates the compiled-library cache (default: ~/.cache/tinylm)
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
 _pointers = ctypes.POINTER(ctypes.c_void_p)
@@ -46,34 +49,85 @@ def load_library() -> ctypes.CDLL:
 
 @functools.cache
 def build_library() -> tuple[ctypes.CDLL | None, str | None]:
-    """(the loaded library, None), or (None, why it could not be built)."""
+    """(the loaded library, None), or (None, why it could not be built). The library comes from the on-disk cache
+    when a process on this machine built it before; else it is compiled (about a second) and published there."""
     wanted = os.environ.get("CC")
     cc = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None, (f"native decoding compiles decode.c and found no C compiler "
                       f"({'$CC=' + wanted if wanted else 'cc, gcc or clang'}); install one, or generate without it")
-    folder = tempfile.mkdtemp(prefix="tinylm-native-")
+    errors = ""
+    # OpenMP spreads the LM head over all cores and glibc's libmvec vectorizes exp and tanh; without them
+    # (Apple clang, musl) the same code builds slower
+    for flags in (FLAGS + ["-fopenmp", "-DTINYLM_MVEC", "-lmvec"], FLAGS + ["-fopenmp"], FLAGS):
+        library, errors = cached_build(cc, flags)
+        if library is not None:
+            library.tinylm_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_longlong,
+                                                   ctypes.c_void_p]
+            library.tinylm_decode_step.restype = None
+            return library, None
+    return None, f"compiling {SOURCE} with {cc} failed:\n{errors}"
+
+
+def cache_folder() -> str:
+    """Where compiled libraries are kept: $TINYLM_CACHE, else tinylm/ in the user's cache folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get(CACHE_ENV) or os.path.join(base, "tinylm")
+
+
+def build_key(cc: str, flags: list[str]) -> str:
+    """What the compiled library depends on: the source, the compiler and its version, the flags, and the machine
+    (its architecture and CPU features: -march=native code may not run on another CPU sharing the home folder)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    cpu = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    parts = [source, cc.encode(), version.encode(), " ".join(flags).encode(), platform.machine().encode(), cpu.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def cached_build(cc: str, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") from the cache, or compiled and published there whole (os.replace of a file of this
+    process's own, so processes building at once each publish a complete file); (None, compiler errors) when
+    these flags do not build. A cached file that does not load is built again; a cache that cannot be written
+    is skipped for a temporary folder."""
+    folder = cache_folder()
+    path = os.path.join(folder, f"decode-{build_key(cc, flags)}.so")
+    if os.path.isfile(path):
+        try:
+            return checked(ctypes.CDLL(path)), ""
+        except (OSError, AttributeError):
+            pass  # damaged (cut short, overwritten): build it again
     try:
-        path, errors = os.path.join(folder, "decode.so"), ""
-        # OpenMP spreads the LM head over all cores and glibc's libmvec vectorizes exp and tanh; without them
-        # (Apple clang, musl) the same code builds slower
-        for flags in (FLAGS + ["-fopenmp", "-DTINYLM_MVEC", "-lmvec"], FLAGS + ["-fopenmp"], FLAGS):
-            result = subprocess.run([cc, *flags, SOURCE, "-o", path, "-lm"], capture_output=True, text=True)
-            errors = result.stderr
-            if result.returncode == 0:
-                try:
-                    library = ctypes.CDLL(path)  # loaded: the file itself is no longer needed
-                    break
-                except OSError as e:  # e.g. a vector function this glibc lacks: a shared library links anyway
-                    errors = str(e)
-        else:
-            return None, f"compiling {SOURCE} with {cc} failed:\n{errors}"
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".tmp", delete=False).name
+    except OSError:  # an unwritable cache: build in a temporary folder, as without a cache
+        folder = tempfile.mkdtemp(prefix="tinylm-native-")
+        path = tmp = os.path.join(folder, "decode.so")
+    try:
+        result = subprocess.run([cc, *flags, SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            return None, result.stderr
+        try:
+            library = checked(ctypes.CDLL(tmp))  # e.g. a vector function this glibc lacks: a library links anyway
+        except (OSError, AttributeError) as e:
+            return None, str(e)
+        if tmp != path:
+            os.replace(tmp, path)  # loaded: the mapping stays valid under the new name
+        return library, ""
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    library.tinylm_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_longlong,
-                                           ctypes.c_void_p]
-    library.tinylm_decode_step.restype = None
-    return library, None
+        if os.path.exists(tmp) and tmp != path:
+            os.remove(tmp)
+        if path == tmp:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def checked(library: ctypes.CDLL) -> ctypes.CDLL:
+    library.tinylm_decode_step  # noqa: B018 (AttributeError when the file is not decode.c's library)
+    return library
 
 
 def native_decode_step(model):

@@ -15,6 +15,8 @@ for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
     os.environ.pop(name, None)  # each would override HF_HOME
 atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ...nor the user's cache of compiled decode.c libraries (native.py): one per session, so it is built once
+os.environ["TINYLM_CACHE"] = os.path.join(HF_HOME, "tinylm")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402

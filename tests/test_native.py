@@ -71,3 +71,39 @@ def test_native_refuses_what_it_cannot_run():
         native_decode_step(model)  # training mode with dropout
     with pytest.raises(ValueError, match="fp32 models on CPU"):
         native_decode_step(model.eval().double())
+
+
+def test_the_compiled_library_is_cached_per_machine(tmp_path):
+    # a compiler wrapper that logs every compile: a second process must not compile, two processes at once both
+    # work, a damaged file is built again, and an unwritable cache falls back to a temporary folder
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import sys
+    log, wrapper, cache = tmp_path / "compiles.log", tmp_path / "cc", tmp_path / "cache"
+    real = shutil.which(os.environ.get("CC", "")) or shutil.which("cc") or shutil.which("gcc")
+    wrapper.write_text(f'#!/bin/sh\ncase "$1" in --version) ;; *) echo compile >> {log} ;; esac\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CC": str(wrapper), "TINYLM_CACHE": str(cache)}
+    program = ["-c", "import native; native.load_library(); print('ok')"]
+
+    def start():
+        return subprocess.Popen([sys.executable, *program], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+
+    def compiles():
+        return len(log.read_text().splitlines()) if log.exists() else 0
+    both = [start(), start()]  # an empty cache, two processes at once
+    assert [p.communicate(timeout=120)[0] for p in both] == ["ok\n", "ok\n"]
+    libraries = glob.glob(str(cache / "decode-*.so"))
+    assert len(libraries) == 1 and os.listdir(cache) == [os.path.basename(libraries[0])]  # no temporary left
+    before = compiles()
+    assert start().communicate(timeout=120)[0] == "ok\n" and compiles() == before  # cached: no compile
+    with open(libraries[0], "r+b") as f:  # damaged: cut short
+        f.truncate(100)
+    assert start().communicate(timeout=120)[0] == "ok\n" and compiles() > before
+    assert os.path.getsize(libraries[0]) > 100
+    (tmp_path / "a_file").write_text("not a folder")
+    env["TINYLM_CACHE"] = str(tmp_path / "a_file")  # a cache that cannot be made: built in a temporary folder
+    assert start().communicate(timeout=120)[0] == "ok\n"
