@@ -7,6 +7,7 @@ per-layer choice of local (sliding window) or global attention, a layer may mix 
 `local_heads` heads are local, the rest global.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -480,7 +481,9 @@ class GPTNeo(nn.Module):
                 return
             # Every step of one generation passes the same model, cache and shapes: after the first has
             # checked torch.compile's guards (recompiling if needed), the rest skip them (0.1 ms a token).
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=compiled and i > 0):
+            # set_stance imports torch._dynamo (0.8 s), which the native and eager steps never need.
+            stance = torch.compiler.set_stance(skip_guard_eval_unsafe=i > 0) if compiled else contextlib.nullcontext()
+            with stance:
                 logits = step(x, pos, cache)
             pos += 1
             cache.pos += 1
@@ -503,7 +506,9 @@ class GPTNeo(nn.Module):
             raise ValueError(f"{config_file} cannot be read ({detail}): the checkpoint is damaged or not a GPT-Neo "
                              "model; save or download it again") from None
         model = cls(config)
-        model.load_state_dict(hf_to_tinylm_state_dict(read_weights(folder), config), strict=True)
+        # its own shapes, not a second model built on "meta", whose initialization imports torch._dynamo (0.8 s)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        model.load_state_dict(hf_to_tinylm_state_dict(read_weights(folder), config, expected), strict=True)
         return model.eval()
 
     def save_pretrained(self, folder: str):
@@ -687,10 +692,12 @@ def read_weights(folder: str) -> dict:
     return state
 
 
-def hf_to_tinylm_state_dict(hf_state: dict, config: GPTNeoConfig) -> dict:
-    """transformers GPT-Neo state dict -> ours; checks every key and shape against `config`."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPTNeo(config).state_dict().items()}
+def hf_to_tinylm_state_dict(hf_state: dict, config: GPTNeoConfig, expected: dict | None = None) -> dict:
+    """transformers GPT-Neo state dict -> ours; checks every key and shape against `config` (or `expected`, the
+    {name: shape} of a model of that config, when the caller has one)."""
+    if expected is None:
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in GPTNeo(config).state_dict().items()}
     ours, lm_head = {}, None
     for name, tensor in hf_state.items():
         name = name.removeprefix("transformer.")

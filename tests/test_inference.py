@@ -309,3 +309,17 @@ def test_cli_says_each_mistake_in_one_sentence(tmp_path, capsys):
     GPTNeo(GPTNeoConfig(n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32)).save_pretrained(str(run / "best"))
     inference_main(["--model", str(run), "--max_new_tokens", "3"])  # a run folder stands for its best model
     assert f"{run} is a training run: using its best model, {run / 'best'}" in capsys.readouterr().err
+
+
+def test_loading_and_sampling_keep_dynamo_out(tmp_path):
+    # importing torch._dynamo costs 0.8 s of every start: neither from_pretrained nor the native and eager steps
+    # need it (it came in through a second model built on "meta", and through torch.compiler.set_stance)
+    GPTNeo(GPTNeoConfig(n_layer=2, n_head=2, n_embd=16, max_position_embeddings=64)).save_pretrained(str(tmp_path))
+    program = ("import sys, torch; from model import GPTNeo\n"
+               f"m = GPTNeo.from_pretrained({str(tmp_path)!r})\n"
+               "for backend in ('native', 'eager'):\n"
+               "    m.generate(torch.tensor([[1, 2]]), 5, temperature=0, backend=backend)\n"
+               "print(sorted(n for n in sys.modules if n.startswith('torch._dynamo'))[:3])")
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
