@@ -51,6 +51,18 @@ def hub_cache_snapshot(cache_dir, repo_id: str, files: dict, repo_type: str = "m
     return snapshot
 
 
+def read_only_below(monkeypatch, folder):
+    """os.makedirs under `folder` fails as on a read-only mount (EROFS); elsewhere it works."""
+    import errno
+    real_makedirs = os.makedirs
+
+    def makedirs(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_makedirs(path, *args, **kwargs)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+
+
 @pytest.fixture(scope="session")
 def full():
     """The GPT-Neo tokenizer (50257 tokens); tests only read it."""

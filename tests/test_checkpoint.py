@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from checkpoint import holds_run, newest_model, recover
+from conftest import read_only_below
 from model import GPTNeo, GPTNeoConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,13 +149,7 @@ def test_a_failed_save_keeps_the_previous_checkpoints_and_says_so(tmp_path, monk
 def test_an_out_dir_that_cannot_be_created_is_one_sentence_before_any_work(tmp_path, monkeypatch, capsys):
     from test_train import train_config
     from train import main as train_main
-    real_makedirs = os.makedirs
-
-    def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "ro")):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_makedirs(path, *args, **kwargs)
-    monkeypatch.setattr(os, "makedirs", read_only)
+    read_only_below(monkeypatch, tmp_path / "ro")
     with pytest.raises(SystemExit) as e:
         train_main(["--config", train_config(tmp_path, out_dir=tmp_path / "ro" / "run")])
     assert str(e.value) == (f"error: cannot create the run folder train.out_dir = {tmp_path / 'ro' / 'run'}: "

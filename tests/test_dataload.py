@@ -147,15 +147,9 @@ def test_a_corpus_of_blank_stories_leaves_no_tokenizer(tmp_path):
 
 
 def test_a_read_only_cache_dir_is_one_sentence_naming_the_setting(tmp_path, monkeypatch):
-    import errno
+    from conftest import read_only_below
     write_txt(tmp_path / "s.txt", make_stories(50))
-    real_makedirs = os.makedirs
-
-    def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "ro")):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_makedirs(path, *args, **kwargs)
-    monkeypatch.setattr(os, "makedirs", read_only)
+    read_only_below(monkeypatch, tmp_path / "ro")
     with pytest.raises(OSError, match=r"^cannot write the tokenizer and token caches: .*ro.cache is on a read-only "
                                       r"file system; set data.cache_dir \(dataload.py --out\) to a folder that can be "
                                       r"written$"):
