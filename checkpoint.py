@@ -30,7 +30,7 @@ import torch
 
 from dataload import load_tokenizer
 from model import GPTNeo, resolve_pretrained
-from storage import outermost_new_folder, read_json, storage_failure, write_json
+from storage import outermost_new_folder, parents, read_json, storage_failure, write_json
 
 try:
     import fcntl
@@ -65,7 +65,8 @@ def run_folder_lock(out_dir: str):
         with contextlib.suppress(OSError):
             os.remove(path)  # while still holding the lock; a process waiting on the old file sees it is gone
         lock.close()
-        for folder in parents_up_to(out_dir, created):
+        chain = parents(out_dir)  # innermost first: the folders this call made, up to `created`
+        for folder in chain[:chain.index(created) + 1] if created else []:
             with contextlib.suppress(OSError):  # only empty folders go
                 os.rmdir(folder)
 
@@ -104,15 +105,6 @@ def try_lock(f) -> bool:
         return True
     except (BlockingIOError, PermissionError):
         return False
-
-
-def parents_up_to(folder: str, top: str | None) -> list[str]:
-    """folder and its parents up to top, innermost first; none when top is None."""
-    folders, folder = [], os.path.abspath(folder)
-    while top is not None and folder.startswith(top):
-        folders.append(folder)
-        folder = os.path.dirname(folder)
-    return folders
 
 
 def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, config: dict, resumable: bool = True):

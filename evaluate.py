@@ -4,7 +4,6 @@
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -23,8 +22,8 @@ from model import resolve_pretrained
 from ngram import NGram, stream_logprob
 from ngram import continuation_logprobs as ngram_continuation_logprobs
 from report import render, table
-from scoring import continuation_logprobs, evaluate_file, token_view
-from storage import atomic_write, storage_failure, write_text
+from scoring import continuation_logprobs, evaluate_stories, loss_numbers, token_view
+from storage import atomic_write, storage_failure, write_json, write_text
 from storymetrics import completion_metrics
 
 TRAIN_GLOB = "../shared/data/tinystories_train_*.txt"  # the README's train files
@@ -130,20 +129,20 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, device) -> str:
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).split("\n")[0]
 
 
-def evaluate_model(name: str, args, items, probes, beginnings, shown, device) -> dict:
+def evaluate_model(name: str, args, stories, items, probes, beginnings, device) -> dict:
     """Every number of one model."""
     model, tokenizer = load_model_and_tokenizer(args.folders[name], device)
     t0 = time.time()
     result = {"params": model.num_params()}
-    block_size = min(args.block_size, model.config.max_position_embeddings)
-    result.update(evaluate_file(model, tokenizer, args.data, args.batch_size, block_size, device))
+    result.update(evaluate_stories(model, tokenizer, stories, args.batch_size, args.block_size, device))
     result.update(multiple_choice(lambda pairs: continuation_logprobs(model, tokenizer, pairs, args.batch_size, device),
                                   items, probes))
     if args.completion_tokens:
         result["probe_completions"] = [complete(model, tokenizer, p["prompt"], args.completion_tokens, device)
                                        for p in probes]
     if args.report:
-        result["token_views"] = [token_view(model, tokenizer, story, device=device) for story in shown]
+        result["token_views"] = [token_view(model, tokenizer, story, device=device)
+                                 for story in stories[:args.report_stories]]
     stories = [write_story(model, tokenizer, b, args, args.seed * 100_000 + j, device) for j, b in enumerate(beginnings)]
     result["completions"], result["completions_ended"] = [s for s, _ in stories], [e for _, e in stories]
     result["seconds"] = time.time() - t0
@@ -158,9 +157,7 @@ def evaluate_baseline(args, stories, items, probes) -> dict:
     lm = NGram.fit(np.concatenate(list(encode_batches(tokenizer, non_empty(read_stories(train), {}), workers=2))),
                    args.order)
     nats, n = stream_logprob(lm, np.concatenate(list(encode_batches(tokenizer, stories))))
-    n_bytes = sum(len(s.encode("utf-8")) for s in stories)
-    result = {"params": None, "loss": -nats / n, "perplexity": math.exp(-nats / n),
-              "bits_per_byte": -nats / math.log(2) / n_bytes, "tokens": n, "bytes": n_bytes}
+    result = {"params": None, **loss_numbers(-nats, n, stories)}
     result.update(multiple_choice(lambda pairs: ngram_continuation_logprobs(lm, tokenizer, pairs), items, probes))
     result["seconds"] = time.time() - t0
     return result
@@ -265,8 +262,7 @@ def main(argv=None):
     for name in args.model:
         print(f"# scoring {name} ...", file=sys.stderr)
         try:
-            report["models"][name] = evaluate_model(name, args, items, probes, beginnings,
-                                                    stories[:args.report_stories], device)
+            report["models"][name] = evaluate_model(name, args, stories, items, probes, beginnings, device)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --model {name}: {e}") from None
     if args.baseline:
@@ -293,7 +289,7 @@ def main(argv=None):
         atomic_write(args.report, lambda p: write_text(p, render(report, text)))
         print(f"# report in {args.report}", file=sys.stderr)
     if args.json:
-        atomic_write(args.json, lambda p: write_text(p, json.dumps(report, indent=2) + "\n"))
+        write_json(args.json, report)
         print(f"# every number in {args.json}", file=sys.stderr)
 
 

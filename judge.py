@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
-from storage import atomic_write, write_text
+from storage import write_json
 
 GIVE_UP = 3  # stories in a row that no judge answered, each after its retries, before the first answer: stop
 SCORES = ("grammar", "creativity", "consistency", "plot")
@@ -112,7 +112,7 @@ def grade_all(pairs: list[tuple[str, str]], url: str, model: str, cache_dir: str
                 continue
             grade = parse_grade(reply if isinstance(reply, str) else "")
             record = {"model": model, "story": story, "reply": reply}
-            atomic_write(path, lambda p: write_text(p, json.dumps(record, indent=2)))
+            write_json(path, record)
             counts["graded"] += 1
         counts["unparseable"] += grade is None
         grades.append(grade)

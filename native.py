@@ -78,6 +78,12 @@ def cache_folder() -> str:
 def build_key(cc: str, flags: list[str]) -> str:
     """What the compiled library depends on: the source, the compiler and its version, the flags, and the machine
     (its architecture and CPU features: -march=native code may not run on another CPU sharing the home folder)."""
+    return hashlib.sha256(toolchain(cc) + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def toolchain(cc: str) -> bytes:
+    """The source, compiler, version and machine, read once per process whatever flags are tried."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     cpu = ""
     if os.path.isfile("/proc/cpuinfo"):
@@ -85,8 +91,7 @@ def build_key(cc: str, flags: list[str]) -> str:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
     with open(SOURCE, "rb") as f:
         source = f.read()
-    parts = [source, cc.encode(), version.encode(), " ".join(flags).encode(), platform.machine().encode(), cpu.encode()]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return b"\0".join([source, cc.encode(), version.encode(), platform.machine().encode(), cpu.encode()])
 
 
 def cached_build(cc: str, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:

@@ -39,19 +39,32 @@ def evaluate_loss(model, tokens, batch_size: int, block_size: int, max_tokens: i
 
 
 def evaluate_file(model, tokenizer, path: str, batch_size: int, block_size: int, device):
-    """Loss, perplexity and bits per byte of a story file; bits per byte divide by the stories' UTF-8 bytes, so
-    models with different tokenizers compare fairly."""
+    """Loss, perplexity and bits per byte of a story file (see evaluate_stories)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no eval file at {path}")
     stories = list(non_empty(read_stories([path]), {}))
     if not stories:
         raise ValueError(f"{path} holds no stories")
+    return evaluate_stories(model, tokenizer, stories, batch_size, block_size, device)
+
+
+def evaluate_stories(model, tokenizer, stories: list[str], batch_size: int, block_size: int, device):
+    """Loss, perplexity and bits per byte of stories, each followed by end-of-text, in block_size pieces (lowered
+    to the model's context)."""
     tokens = np.concatenate(list(encode_batches(tokenizer, stories)))
     loss, n = evaluate_loss(model, tokens, batch_size, min(block_size, model.config.max_position_embeddings), None,
                             device)
+    return loss_numbers(loss * n, n, stories)
+
+
+def loss_numbers(nats: float, n_tokens: int, stories: list[str]) -> dict:
+    """Mean loss, perplexity and bits per byte from the summed loss in nats over n_tokens predicted tokens of the
+    stories; bits per byte divide by the stories' UTF-8 bytes, so models with different tokenizers compare
+    fairly."""
     n_bytes = sum(len(s.encode("utf-8")) for s in stories)
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss * n / math.log(2) / n_bytes,
-            "tokens": n, "stories": len(stories), "bytes": n_bytes}
+    loss = nats / n_tokens if n_tokens else 0.0
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / n_bytes,
+            "tokens": n_tokens, "stories": len(stories), "bytes": n_bytes}
 
 
 @torch.inference_mode()

@@ -49,20 +49,23 @@ def read_json(path: str, what: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}): the {what} is damaged; use another {what}") from None
 
 
+def parents(path: str) -> list[str]:
+    """path (made absolute) and every folder above it, innermost first."""
+    chain = [os.path.abspath(path)]
+    while os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain
+
+
 def outermost_new_folder(path: str) -> str | None:
     """The first folder os.makedirs(path) would create, or None when path exists."""
-    path, created = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, created = os.path.dirname(path), path
-    return created
+    missing = [p for p in parents(path) if not os.path.exists(p)]
+    return missing[-1] if missing else None
 
 
 def free_mb(path: str) -> float:
     """MB free on the disk holding path (or its nearest existing parent)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return shutil.disk_usage(path).free / 1e6
+    return shutil.disk_usage(next(p for p in parents(path) if os.path.exists(p))).free / 1e6
 
 
 def storage_failure(error: BaseException, path: str, setting: str) -> str | None:
@@ -84,10 +87,3 @@ def storage_failure(error: BaseException, path: str, setting: str) -> str | None
             return f"{blocking} is a file, not a folder; set {setting} to a folder"
     return None
 
-
-def parents(path: str) -> list[str]:
-    """path and every folder above it, innermost first."""
-    chain = [path]
-    while os.path.dirname(chain[-1]) != chain[-1]:
-        chain.append(os.path.dirname(chain[-1]))
-    return chain

@@ -53,7 +53,7 @@ def creatures_in(text: str) -> set[str]:
 
 def completion_metrics(beginnings: list[str], completions: list[str], ended: list[bool], names: set[str]) -> dict:
     """The measures above, for completions of the beginnings (and whether each reached end-of-text)."""
-    named = [(names_in(b, names), c) for b, c in zip(beginnings, completions) if names_in(b, names)]
+    named = [(cast, c) for cast, c in ((names_in(b, names), c) for b, c in zip(beginnings, completions)) if cast]
     takeovers = 0
     for cast, completion in named:
         mentions = Counter(w for w in CAPITALIZED.findall(completion) if w in names)

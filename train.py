@@ -372,8 +372,7 @@ def train(args, config: dict, notes: list[str], rank: int, world: int, device) -
                 reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
             if reason:
                 break
-            progress = budget_progress(state, t, elapsed)
-            lr = get_lr(step, t, progress)
+            lr = get_lr(step, t, budget_progress(state, t, elapsed))
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             loss_sum = 0.0
