@@ -68,7 +68,9 @@ class TrainConfig:
     min_delta: float = 0.0  # improvement in validation loss that counts
     seed: int = 1337
     device: str = "auto"  # cpu, cuda, mps or auto; under torchrun each process takes cuda:LOCAL_RANK
-    dtype: str = "float32"  # "bfloat16": autocast matmuls to bf16 (weights, optimizer and softmax stay fp32)
+    # "bfloat16": mixed precision, the matmuls in bf16 under autocast (weights, optimizer state, LayerNorm, softmax
+    # and loss stay fp32); "auto": bfloat16 on a GPU and on a CPU with bf16 matrix units (AMX), else float32
+    dtype: str = "auto"
     compile: bool = False  # torch.compile the model for training
     log_interval: int = 10  # steps between progress lines when stderr is not a terminal (no progress bar)
     out_dir: str = "out/tiny_lm"
@@ -81,8 +83,8 @@ class TrainConfig:
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "min_delta", "warmup_steps", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.lr_schedule not in ("cosine", "wsd", "constant"):

@@ -3,6 +3,7 @@ a ValueError naming the flag or setting that asked for it.
 
     device = pick_device("auto")                       # inference.py --device, evaluate.py --device
     device = pick_device("cuda:1", "train.device")     # train.py's [train] device
+    dtype, why = pick_dtype("auto", device)            # train.py's [train] dtype: "bfloat16" or "float32"
 """
 
 import torch
@@ -30,3 +31,26 @@ def pick_device(name: str, flag: str = "--device") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{flag} {name}: Apple's MPS is not available here; use {cpu} (or auto)")
     return device
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """True when this CPU has Intel AMX tiles with bf16 (Sapphire Rapids and later), where oneDNN runs bf16
+    matmuls 3-7x its fp32 ones. Asked at run time; False where PyTorch cannot tell."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported()) and bool(torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older or non-x86 PyTorch build
+        return False
+
+
+def pick_dtype(name: str, device: torch.device) -> tuple[str, str]:
+    """(the training precision, why) for train.dtype `name`: "float32", or "bfloat16" (mixed precision: bf16
+    matmuls under autocast, fp32 weights, optimizer state, LayerNorm, softmax and loss). "auto" takes bfloat16
+    on a CUDA GPU that supports it and on a CPU with bf16 matrix units, float32 elsewhere."""
+    if name != "auto":
+        return name, "set by train.dtype"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16", "this GPU supports bf16"
+    if device.type == "cpu" and cpu_has_bf16_matrix_units():
+        return "bfloat16", "this CPU has bf16 matrix units (AMX)"
+    return "float32", {"cpu": "this CPU has no bf16 matrix units (AMX)", "mps": "on MPS bf16 is not faster",
+                       "cuda": "this GPU has no bf16 support"}[device.type]

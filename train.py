@@ -27,7 +27,7 @@ from checkpoint import (StorageError, check_run_folder, clear_run, command, load
                         resumable_checkpoint, run_folder_lock, save_checkpoint)
 from config import TrainConfig, load_config  # noqa: F401 (train.load_config is used by tests and benches)
 from dataload import FULL_VOCAB, get_batch, load_tokenizer, prepare_data
-from devices import pick_device
+from devices import pick_device, pick_dtype
 from model import GPTNeo
 from scoring import evaluate_loss
 from storage import atomic_write, storage_failure
@@ -284,8 +284,11 @@ def train(args, config: dict, notes: list[str], rank: int, world: int, device) -
     log("[model] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_config).items()))
     model = GPTNeo(model_config).to(device)
     opt = make_optimizer(model, t, device)
+    precision, why = pick_dtype(t.dtype, device)
     log(f"# {model.num_params() / 1e6:.2f}M parameters, {len(splits['train']):,} train tokens, device {device}"
-        + (f", {world} processes" if world > 1 else ""))
+        + (f", {world} processes" if world > 1 else "")
+        + (", bf16 mixed precision" if precision == "bfloat16" else ", float32")
+        + (f" (train.dtype = auto: {why})" if t.dtype == "auto" else ""))
 
     state = {"step": 0, "tokens": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0}
     if args.resume:
@@ -297,7 +300,7 @@ def train(args, config: dict, notes: list[str], rank: int, world: int, device) -
     train_model = torch.compile(model) if t.compile else model
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     if master and args.overwrite:
         clear_run(t.out_dir)
         log(f"# --overwrite: deleted the previous run in {t.out_dir}")

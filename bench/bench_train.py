@@ -2,16 +2,20 @@
 
     python bench/bench_train.py [--configs tinystories_1M tinystories_8M] [--steps 5] [--batch_size 8]
     python bench/bench_train.py --device cuda --dtype bfloat16 --compile --hf_attn eager flash_attention_2
+    python bench/bench_train.py --configs laptop quickstart --batch_size 16 --block_size 256 --dtype float32 auto
 
 Both models start from the same weights and run the same loop (batch from the token stream, forward, loss,
-backward, grad-norm clip, AdamW step), taking turns step by step. MFU = model FLOPs per second / the matmul
-FLOP/s this machine reaches (a large matmul in --dtype, measured here), with nanoGPT's count: 6 * parameters
+backward, grad-norm clip, AdamW step), taking turns step by step; with several --dtype, every model runs in each
+(auto: what train.py picks here) and a line per dtype gives its speed against the first. MFU = model FLOPs per
+second / the matmul FLOP/s this machine reaches in the dtype that runs the matmuls (a large matmul, measured here;
+a GPU's is always its bf16 peak, what its FLOPs are quoted in), with nanoGPT's count: 6 * parameters
 (position embeddings excluded) + 12 * n_layer * n_embd * block_size per token. --compile runs both models through
 torch.compile; --hf_attn lists transformers' attention implementations to time (one line each; flash_attention_2
-only where the flash_attn package is installed).
+only where the flash_attn package is installed; none: TinyLM alone).
 """
 
 import argparse
+import copy
 import importlib.util
 import os
 import sys
@@ -25,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench_model import interleaved_medians  # noqa: E402
 from dataload import get_batch  # noqa: E402
+from devices import pick_dtype  # noqa: E402
 from model import GPTNeo  # noqa: E402
 from train import TrainConfig, load_config, make_optimizer  # noqa: E402
 
@@ -53,13 +58,13 @@ def flops_per_token(model: GPTNeo, block_size: int) -> float:
     return 6 * (model.num_params() - model.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * block_size
 
 
-def train_step_fn(model, loss_of, tokens, args, device):
+def train_step_fn(model, loss_of, tokens, args, device, dtype: str):
     """One step of train.py's loop per call, each on the next batch; timed by the caller."""
     opt = make_optimizer(model, TrainConfig(), device) if isinstance(model, GPTNeo) else torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.dim() == 2], "weight_decay": 0.1},
          {"params": [p for p in model.parameters() if p.dim() != 2], "weight_decay": 0.0}], lr=1e-3,
         betas=(0.9, 0.95), fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     model.train()
     step = 0
 
@@ -96,19 +101,24 @@ def main():
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["auto", "float32", "bfloat16"],
+                   help="train.dtype values to run, side by side")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--hf_attn", nargs="+", default=["eager"], help="transformers attention implementations")
+    p.add_argument("--hf_attn", nargs="+", default=["eager"],
+                   help="transformers attention implementations, or none")
     args = p.parse_args()
     device = torch.device(args.device)
+    dtypes = list(dict.fromkeys(pick_dtype(d, device)[0] for d in args.dtype))
     # MFU against the GPU's bf16 matmul peak (what its FLOPs are quoted in), or the CPU's in the run's dtype
-    peak_dtype = "bfloat16" if device.type == "cuda" else args.dtype
-    peak = matmul_flops_per_second(device, dtype=getattr(torch, peak_dtype))
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}"
-          f"{', compiled' if args.compile else ''}; measured {peak_dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; "
+    peaks = {d: matmul_flops_per_second(device, dtype=getattr(torch, "bfloat16" if device.type == "cuda" else d))
+             for d in dtypes}
+    peak_names = ", ".join(f"{'bfloat16' if device.type == 'cuda' else d} {peak / 1e12:.2f} TFLOP/s"
+                           for d, peak in peaks.items())
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads"
+          f"{', compiled' if args.compile else ''}; measured matmul peak {peak_names}; "
           f"batch {args.batch_size} x {args.block_size}")
-    attns = [a for a in args.hf_attn if a != "flash_attention_2" or importlib.util.find_spec("flash_attn")]
-    if attns != args.hf_attn:
+    attns = [a for a in args.hf_attn if a != "none" and (a != "flash_attention_2" or importlib.util.find_spec("flash_attn"))]
+    if "flash_attention_2" in args.hf_attn and "flash_attention_2" not in attns:
         print("(no flash_attention_2 line: the flash_attn package is not installed)")
     tokens_per_step = args.batch_size * args.block_size
     for name in args.configs:
@@ -121,21 +131,31 @@ def main():
         stream = np.random.default_rng(0).integers(0, config.vocab_size, 1_000_000).astype(np.int64)
         flops = flops_per_token(ours, args.block_size)
         compiled = torch.compile if args.compile else (lambda m: m)
-        fns = {"ours": train_step_fn(ours, lambda m, x, y, c=compiled(ours): c(x, y)[1], stream, args, device)}
-        fns.update({attn: train_step_fn(hf, lambda m, x, y, c=compiled(hf): hf_loss(c, x, y), stream, args, device)
-                    for attn, hf in hfs.items()})
+        fns = {}
+        for dtype in dtypes:  # each model a copy per dtype: their optimizers step apart
+            mine = copy.deepcopy(ours)
+            fns[("ours", dtype)] = train_step_fn(mine, lambda m, x, y, c=compiled(mine): c(x, y)[1], stream, args,
+                                                 device, dtype)
+            for attn, hf in hfs.items():
+                theirs = copy.deepcopy(hf)
+                fns[(attn, dtype)] = train_step_fn(theirs, lambda m, x, y, c=compiled(theirs): hf_loss(c, x, y),
+                                                   stream, args, device, dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = interleaved_medians(fns, args.steps)
-        line = [f"{name:15s} ({ours.num_params() / 1e6:.1f}M):"]
-        for who, seconds in t.items():
-            label = "ours" if who == "ours" else f"transformers[{who}]"
-            line.append(f"{label} {tokens_per_step / seconds:7.0f} tok/s MFU "
-                        f"{100 * flops * tokens_per_step / seconds / peak:5.1f}%")
-        ratios = ", ".join(f"{t[a] / t['ours']:.2f}x vs {a}" for a in hfs)
-        memory = f"   peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (all models)" \
-            if device.type == "cuda" else ""
-        print("   ".join(line) + f"   ratio {ratios}{memory}")
+        for dtype in dtypes:
+            line = [f"{name:15s} ({ours.num_params() / 1e6:.1f}M) {dtype:8s}:"]
+            for (who, d), seconds in t.items():
+                if d == dtype:
+                    label = "ours" if who == "ours" else f"transformers[{who}]"
+                    line.append(f"{label} {tokens_per_step / seconds:7.0f} tok/s MFU "
+                                f"{100 * flops * tokens_per_step / seconds / peaks[dtype]:5.1f}%")
+            ratios = [f"{t[(a, dtype)] / t[('ours', dtype)]:.2f}x vs {a}" for a in hfs]
+            if dtype != dtypes[0]:
+                ratios.append(f"{t[('ours', dtypes[0])] / t[('ours', dtype)]:.2f}x vs ours {dtypes[0]}")
+            memory = f"   peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (all models)" \
+                if device.type == "cuda" else ""
+            print("   ".join(line) + (f"   ratio {', '.join(ratios)}" if ratios else "") + memory)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,50 @@ def test_bfloat16_autocast_logits_match_transformers_within_bf16_rounding(shape)
     torch.testing.assert_close(logits, ref, rtol=0, atol=0.04 * ref.abs().max().item())
 
 
+def test_mixed_precision_gradients_match_fp32_within_bf16_rounding():
+    # train.dtype = bfloat16: the matmuls (the fused LM head's included) run in bf16, attention on CPU and the
+    # loss in fp32, and the gradients land in the fp32 weights. Mixed local/global heads and 100 tokens, so
+    # the query chunks of _attend run. Measured: every gradient within 0.8% (relative norm) of fp32's.
+    torch.manual_seed(0)
+    model = GPTNeo(GPTNeoConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=64, max_position_embeddings=128,
+                                window_size=16, local_heads=[2, 4])).to(DEVICE)
+    idx, targets = torch.randint(0, 300, (2, 3, 100), device=DEVICE)
+
+    def loss_and_grads(mixed: bool):
+        model.zero_grad()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=mixed):
+            loss = model(idx, targets)[1]
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss32, grads32 = loss_and_grads(False)
+    loss16, grads16 = loss_and_grads(True)
+    assert loss16 == pytest.approx(loss32, rel=1e-3)
+    errors = {n: ((grads16[n] - grads32[n]).norm() / grads32[n].norm()).item() for n in grads32}
+    assert all(g.dtype == torch.float32 for g in grads16.values())
+    assert max(errors.values()) < 0.03, errors
+    assert min(errors.values()) > 1e-4, "the bf16 path computed exactly what fp32 does: it did not run in bf16"
+
+
+def test_mixed_precision_lm_head_multiplies_in_bf16_and_takes_the_softmax_in_fp32():
+    # under autocast the fused LM head multiplies in bf16 (nanoGPT's autocast does the same), then takes the
+    # softmax and the loss in fp32: the loss and gradients are fp32, within bf16 rounding of the exact ones
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (40,), generator=g)
+    targets[:3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_head_cross_entropy(h, w, targets, rows=16, vocab_block=32)
+    exact = F.cross_entropy(h @ w.t(), targets)
+    assert loss.dtype == torch.float32 and loss.item() != exact.item()
+    torch.testing.assert_close(loss, exact, rtol=4e-3, atol=0)
+    grads, exact_grads = torch.autograd.grad(loss, (h, w)), torch.autograd.grad(exact, (h, w))
+    for got, want in zip(grads, exact_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
+
+
 def test_loss_without_grad_equals_cross_entropy_of_logits():
     model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=16, max_position_embeddings=32)))
     idx = torch.randint(0, 300, (2, 32))

@@ -89,15 +89,17 @@ def interrupt_at_train_step(monkeypatch, n: int, sig=signal.SIGINT):
     monkeypatch.setattr(GPTNeo, "forward", forward_and_interrupt)
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, dtype):
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
-    train_main(["--config", train_config(straight, max_steps=20)])
+    train_main(["--config", train_config(straight, max_steps=20, dtype=dtype)])
     with monkeypatch.context() as patch:  # interrupted after 13 steps, between evaluations
         interrupt_at_train_step(patch, 13)
-        assert train_main(["--config", train_config(split, max_steps=20)]) == 130
-    assert GPTNeo.from_pretrained(str(split / "out" / "last")) is not None
-    train_main(["--config", train_config(split, max_steps=20), "--resume"])
+        assert train_main(["--config", train_config(split, max_steps=20, dtype=dtype)]) == 130
+    last = GPTNeo.from_pretrained(str(split / "out" / "last"))
+    assert all(p.dtype == torch.float32 for p in last.parameters())  # mixed precision saves the fp32 weights
+    train_main(["--config", train_config(split, max_steps=20, dtype=dtype), "--resume"])
     losses = lambda p: {m["step"]: m["loss"] for m in read_metrics(p) if "loss" in m}
     lrs = lambda p: {m["step"]: m["lr"] for m in read_metrics(p) if "lr" in m}
     assert losses(straight) == losses(split) and len(losses(split)) == 20 and lrs(straight) == lrs(split)
@@ -139,10 +141,24 @@ def test_two_process_ddp_equals_one_process_with_twice_the_grad_accum(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_bfloat16_autocast_trains(tmp_path):
+def test_bfloat16_autocast_trains(tmp_path, capsys):
     assert train_main(["--config", train_config(tmp_path, dtype="bfloat16", max_steps=20)]) == 0
     vals = [m["val_loss"] for m in read_metrics(tmp_path) if "val_loss" in m]
     assert vals[-1] < vals[0] - 0.5
+    assert ", bf16 mixed precision\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("has_units", [True, False])
+def test_auto_dtype_follows_the_cpus_bf16_matrix_units(tmp_path, monkeypatch, capsys, has_units):
+    import devices
+    monkeypatch.setattr(devices, "cpu_has_bf16_matrix_units", lambda: has_units)
+    seen = []
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: seen.append(k["enabled"]) or torch.amp.autocast(*a, **k))
+    assert train_main(["--config", train_config(tmp_path, max_steps=2, device="cpu")]) == 0
+    out = capsys.readouterr().out
+    said = "bf16 mixed precision (train.dtype = auto: this CPU has bf16 matrix units (AMX))" if has_units else \
+        "float32 (train.dtype = auto: this CPU has no bf16 matrix units (AMX))"
+    assert said in out and seen[0] == has_units  # the first autocast is the training loop's
 
 
 def test_wandb_needs_no_account(tmp_path, monkeypatch, capsys):
