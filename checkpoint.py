@@ -29,7 +29,8 @@ import time
 import torch
 
 from dataload import load_tokenizer
-from model import GPTNeo, resolve_pretrained
+from hf_weights import resolve_pretrained
+from model import GPTNeo
 from storage import outermost_new_folder, parents, read_json, storage_failure, write_json
 
 try:

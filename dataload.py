@@ -70,7 +70,7 @@ def load_tokenizer(name_or_path: str | None = None):
         return gpt_neo_tokenizer()
     folder = name_or_path
     if not os.path.isdir(folder):
-        from model import resolve_pretrained
+        from hf_weights import resolve_pretrained
 
         folder = resolve_pretrained(name_or_path)
     path = os.path.join(folder, "tokenizer.json")

@@ -18,7 +18,7 @@ from dataload import encode_batches, gpt_neo_tokenizer
 from devices import pick_device
 from evalsets import character_names, cloze_items, probe_continuation, read_probes, story_beginnings
 from judge import JudgeError, grade_all, summarize
-from model import resolve_pretrained
+from hf_weights import resolve_pretrained
 from ngram import NGram, stream_logprob
 from ngram import continuation_logprobs as ngram_continuation_logprobs
 from report import render, table

@@ -13,7 +13,8 @@ import torch
 
 from checkpoint import load_model_and_tokenizer, newest_model, run_folder_model
 from devices import pick_device
-from model import DECODE_BACKENDS, resolve_pretrained
+from generation import DECODE_BACKENDS
+from hf_weights import resolve_pretrained
 from scoring import evaluate_file
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"

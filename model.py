@@ -1,28 +1,24 @@
-"""GPT-Neo, as used by TinyStories (Eldan & Li 2023, arXiv 2305.07759).
+"""GPT-Neo, as used by TinyStories (Eldan & Li 2023, arXiv 2305.07759): the architecture and its fused training loss.
 
 Computes exactly what Hugging Face's `transformers.GPTNeoForCausalLM` computes (reference:
 transformers/models/gpt_neo/modeling_gpt_neo.py): learned positions, pre-LayerNorm blocks, attention
 WITHOUT 1/sqrt(head_dim) scaling, gelu_new MLP, LM head tied to the token embedding. On top of GPT-Neo's
 per-layer choice of local (sliding window) or global attention, a layer may mix both: its first
 `local_heads` heads are local, the rest global.
+
+Beside it: generation.py (KV cache, per-token decoding, sampling: `model.generate`), native.py + decode.c (the
+fast CPU decoding step), hf_weights.py (`GPTNeo.from_pretrained` / `.save_pretrained`: transformers' files).
 """
 
-import contextlib
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from storage import atomic_write, write_text
+from generation import GenerationMixin, KVCache
 
 ATTENTION_TYPES = ("global", "local", "mixed")
-DECODE_BACKENDS = ("auto", "native", "compile", "eager")  # see GPTNeo.choose_backend
-# decode.c computes one batch row after another, re-reading the weights for each: measured against the eager
-# step's batched matmuls on 2 cores it wins up to about this many rows x width (TinyStories-1M: 12 rows)
-NATIVE_MAX_ROWS_X_WIDTH = 768
 CPU_QUERY_CHUNK = 64  # see SelfAttention._attend
 
 
@@ -153,51 +149,6 @@ class GPTNeoConfig:
         )
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, for incremental decoding (one per generate call).
-
-    Global heads write into a buffer preallocated to `max_len`. Local heads keep a ring buffer of
-    window_size slots (position p lives in slot p % window_size), so their memory never grows past the window.
-    """
-
-    def __init__(self, config: GPTNeoConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        hd, W = config.n_embd // config.n_head, config.window_size
-        self.pos = 0  # tokens already in the cache
-        self.max_len, self.window_size = max_len, W
-        self.global_kv = [torch.zeros(2, batch_size, config.n_head - nl, max_len, hd, device=device, dtype=dtype)
-                          if nl < config.n_head else None for nl in config.local_heads]
-        self.local_kv = [torch.zeros(2, batch_size, nl, min(W, max_len), hd, device=device, dtype=dtype)
-                         if nl else None for nl in config.local_heads]
-        # position of each global slot, slot of each local one: decode_step masks the slots not yet visible
-        self.global_slots = torch.arange(max_len, device=device).view(1, 1, 1, max_len)
-        self.local_slots = torch.arange(min(W, max_len), device=device).view(1, 1, 1, min(W, max_len))
-
-    def update_global(self, layer: int, kv):
-        """Store kv (2, B, nh, T, hd) of the next T positions; return all of this layer's (2, B, nh, pos+T, hd)."""
-        end = self.pos + kv.size(3)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot add {kv.size(3)} after {self.pos}")
-        cache = self.global_kv[layer]
-        cache[:, :, :, self.pos:end] = kv
-        return cache[:, :, :, :end]
-
-    def update_local(self, layer: int, kv):
-        """Store kv (2, B, nh, T, hd); return the keys/values the new queries may see: for T > 1 the last
-        min(pos, window_size - 1) + T positions in order, for T == 1 the filled slots in ring order (a single
-        query's attention does not depend on the order of its keys)."""
-        ring, W, T = self.local_kv[layer], self.window_size, kv.size(3)
-        if T == 1:
-            ring[:, :, :, self.pos % W] = kv[:, :, :, 0]
-            return ring[:, :, :, :min(self.pos + 1, W)]
-        n_past = min(self.pos, W - 1)
-        if n_past:
-            order = torch.arange(self.pos - n_past, self.pos, device=kv.device) % W
-            kv = torch.cat([ring.index_select(3, order), kv], dim=3)  # (2, B, nh, n_past + T, hd)
-        keep = min(kv.size(3), W)
-        slots = torch.arange(self.pos + T - keep, self.pos + T, device=kv.device) % W
-        ring.index_copy_(3, slots, kv[:, :, :, -keep:])
-        return kv
-
 
 class SelfAttention(nn.Module):
     def __init__(self, config: GPTNeoConfig, layer: int):
@@ -234,29 +185,6 @@ class SelfAttention(nn.Module):
         # One matmul for q, k and v: decoding a token is bound by the number of ops, not their size.
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
-    def decode(self, x, pos, slot, masks, kv_cache: "KVCache"):
-        """One token per row, x (B, 1, C) at position `pos` (a (1,) tensor): every shape is fixed for the
-        whole generation, so torch.compile builds one graph for all steps. Keys of the cache that the query
-        may not see yet are masked instead of sliced away."""
-        B, _, C = x.size()
-        nh, nl = self.n_head, self.n_local
-        qkv = matvec(x, self.qkv_weight()).view(B, 3, nh, 1, C // nh).transpose(0, 1)  # (3, B, nh, 1, hd)
-        q, kv = qkv[0], qkv[1:]
-        dropout = self.dropout if self.training else 0.0
-        parts = []
-        if nl:
-            ring = kv_cache.local_kv[self.layer]
-            ring.index_copy_(3, slot, kv[:, :, :nl])
-            parts.append(F.scaled_dot_product_attention(q[:, :nl], ring[0], ring[1], attn_mask=masks[1],
-                                                        dropout_p=dropout, scale=1.0))
-        if nl < nh:
-            cache = kv_cache.global_kv[self.layer]
-            cache.index_copy_(3, pos, kv[:, :, nl:])
-            parts.append(F.scaled_dot_product_attention(q[:, nl:], cache[0], cache[1], attn_mask=masks[0],
-                                                        dropout_p=dropout, scale=1.0))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        y = matvec(y.reshape(B, 1, C), self.out_proj.weight, self.out_proj.bias)  # (B, nh, 1, hd) -> (B, 1, C)
-        return self.resid_dropout(y)
 
     def _attend(self, q, k, v, start, masks, local):
         """q (B, nh, T, hd) holds positions start..start+T-1; k, v hold the S positions ending at the same place."""
@@ -304,10 +232,6 @@ class MLP(nn.Module):
         # gelu_new is GELU's tanh approximation; PyTorch computes it in one fused kernel.
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
-    def decode(self, x):
-        return self.dropout(matvec(F.gelu(matvec(x, self.c_fc.weight, self.c_fc.bias), approximate="tanh"),
-                                   self.c_proj.weight, self.c_proj.bias))
-
 
 class Block(nn.Module):
     def __init__(self, config: GPTNeoConfig, layer: int):
@@ -321,12 +245,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), masks, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
-    def decode(self, x, pos, slot, masks, kv_cache):
-        x = x + self.attn.decode(self.ln_1(x), pos, slot, masks, kv_cache)
-        return x + self.mlp.decode(self.ln_2(x))
 
-
-class GPTNeo(nn.Module):
+class GPTNeo(GenerationMixin, nn.Module):  # generate(): generation.py
     def __init__(self, config: GPTNeoConfig):
         super().__init__()
         self.config = config
@@ -368,30 +288,6 @@ class GPTNeo(nn.Module):
             kv_cache.pos += T
         return self.ln_f(x)
 
-    def decode_step(self, token, pos, kv_cache: KVCache):
-        """Logits (B, vocab) after token (B, 1) at position pos (a (1,) tensor), kv_cache holding every earlier
-        position; the caller advances kv_cache.pos. All shapes stay the same from one step to the next, so
-        torch.compile traces it once for a whole generation."""
-        x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
-        slot = pos % self.config.window_size  # local heads: position p lives in ring slot p % window_size
-        masks = (kv_cache.global_slots <= pos, kv_cache.local_slots <= pos)
-        for block in self.h:
-            x = block.decode(x, pos, slot, masks, kv_cache)
-        return matvec(self.ln_f(x[:, 0]), self.wte.weight)
-
-    def __getstate__(self):
-        # compiled steps are bound to this instance: a copy or an unpickled model compiles its own
-        return {k: v for k, v in super().__getstate__().items() if k != "_compiled_decode_steps"}
-
-    def _compiled_decode_step(self, device):
-        compiled = self.__dict__.setdefault("_compiled_decode_steps", {})
-        if device.type not in compiled:
-            # On CPU the per-kernel Python overhead is what a decode step costs; a C++ wrapper cuts it ~30%.
-            # Realizing every computed value (rather than recomputing cheap ones inside the loops that use
-            # them) keeps the final LayerNorm from being redone for each of the vocab's rows: -0.1 ms a token.
-            options = {"cpp_wrapper": True, "realize_cpu_opcount_threshold": 1} if device.type == "cpu" else None
-            compiled[device.type] = torch.compile(self.decode_step, options=options)
-        return compiled[device.type]
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
         """Token ids idx (B, T) -> (logits, loss).
@@ -405,138 +301,20 @@ class GPTNeo(nn.Module):
             return F.linear(x, self.wte.weight), None  # LM head tied to wte
         return None, lm_head_cross_entropy(x.flatten(0, 1), self.wte.weight, targets.flatten())
 
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, compile: bool = False, step=None, backend: str = "auto"):
-        """Return idx (B, T) with up to max_new_tokens sampled tokens appended.
-
-        temperature 0 is greedy. Sampling draws from torch's global RNG, or from `generator`. Rows that
-        reach eos_token_id are padded with it; generation stops early once every row has. `backend` picks the
-        per-token step (see choose_backend): by default the fastest that runs here, the same tokens either way.
-        compile=True is backend="compile": the first call pays for compiling, later ones run faster.
-        `step` replaces the per-token step (decode_step's interface), e.g. native.native_decode_step(model).
-        """
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                                        compile, step, backend))
-        return torch.cat([idx, *new], dim=1)
-
-    def choose_backend(self, backend: str = "auto", batch_size: int = 1) -> str:
-        """The per-token step generate runs for `backend`: "native" (decode.c through native.py, the fastest on
-        CPU), "compile" (torch.compile), "eager" (plain PyTorch, any device and dtype). "auto" is "native" where
-        it runs and pays (CPU, fp32, no dropout in use, batch x width <= NATIVE_MAX_ROWS_X_WIDTH, a C compiler
-        to build it), else "eager"."""
-        if backend not in DECODE_BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
-        if backend != "auto":
-            return backend
-        weight = self.wte.weight
-        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or (self.training and self.config.dropout)
-                or batch_size * self.config.n_embd > NATIVE_MAX_ROWS_X_WIDTH):
-            return "eager"
-        try:
-            from native import load_library  # builds decode.c once per process; the one file model.py runs
-
-            load_library()
-            return "native"
-        except (ImportError, RuntimeError):
-            return "eager"
-
-    def per_token_step(self, backend: str, device):
-        """The step function of a backend choose_backend named (decode_step's interface)."""
-        if backend == "native":
-            from native import native_decode_step
-
-            return native_decode_step(self)
-        return self._compiled_decode_step(device) if backend == "compile" else self.decode_step
-
-    @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, eos_token_id: int | None = None,
-                        generator: torch.Generator | None = None, compile: bool = False, step=None,
-                        backend: str = "auto"):
-        """Yield the next tokens (B, 1) one step at a time, as `generate` appends them."""
-        check_sampling_args(temperature, top_k, top_p)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}")
-        B, T = idx.size()
-        backend = self.choose_backend("compile" if compile else backend, B) if step is None else "step"
-        limit = self.config.max_position_embeddings
-        if T + max_new_tokens > limit:
-            raise ValueError(f"cannot generate {max_new_tokens} tokens after a {T}-token prompt: the model's "
-                             f"context is {limit} tokens (max_position_embeddings); lower max_new_tokens to "
-                             f"{max(limit - T, 0)} or shorten the prompt")
-        if max_new_tokens == 0:
-            return
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
-        logits = F.linear(self.hidden_states(idx, cache)[:, -1], self.wte.weight)  # (B, vocab)
-        compiled = backend == "compile"
-        step = step or self.per_token_step(backend, idx.device)
-        pos = torch.tensor([T], device=idx.device)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for i in range(max_new_tokens):
-            x = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            if eos_token_id is not None:
-                x = x.masked_fill(done[:, None], eos_token_id)
-                done |= x[:, 0] == eos_token_id
-            yield x
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-                return
-            # Every step of one generation passes the same model, cache and shapes: after the first has
-            # checked torch.compile's guards (recompiling if needed), the rest skip them (0.1 ms a token).
-            # set_stance imports torch._dynamo (0.8 s), which the native and eager steps never need.
-            stance = torch.compiler.set_stance(skip_guard_eval_unsafe=i > 0) if compiled else contextlib.nullcontext()
-            with stance:
-                logits = step(x, pos, cache)
-            pos += 1
-            cache.pos += 1
-
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPTNeo":
         """Load a TinyLM checkpoint or Hugging Face GPT-Neo folder (config.json + model.safetensors or
         pytorch_model.bin), or a hub id such as 'roneneldan/TinyStories-1M' when the hub can be reached."""
-        folder = resolve_pretrained(name_or_path)
-        config_file = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{folder} has no config.json; point at a TinyLM checkpoint or a "
-                                    "Hugging Face GPT-Neo model folder")
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                hf_config = json.load(f)
-            config = GPTNeoConfig.from_hf_dict(hf_config)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            detail = f"it lacks {e}" if isinstance(e, KeyError) else str(e)
-            raise ValueError(f"{config_file} cannot be read ({detail}): the checkpoint is damaged or not a GPT-Neo "
-                             "model; save or download it again") from None
-        model = cls(config)
-        # its own shapes, not a second model built on "meta", whose initialization imports torch._dynamo (0.8 s)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        model.load_state_dict(hf_to_tinylm_state_dict(read_weights(folder), config, expected), strict=True)
-        return model.eval()
+        from hf_weights import load_pretrained  # weights I/O lives there; it builds GPTNeo, so it imports us
+
+        return load_pretrained(cls, name_or_path)
 
     def save_pretrained(self, folder: str):
         """Write config.json and model.safetensors in transformers' GPT-Neo layout. Mixed layers are
         recorded so that TinyLM reloads them and transformers refuses them."""
-        from safetensors.torch import save_file
+        from hf_weights import save_pretrained
 
-        os.makedirs(folder, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tinylm_to_hf_state_dict(self.state_dict()).items()}
-        atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        config = {**self.config.to_hf_dict(), "dtype": str(self.wte.weight.dtype).removeprefix("torch.")}
-        atomic_write(os.path.join(folder, "config.json"), lambda p: write_text(p, json.dumps(config, indent=2) + "\n"))
-
-
-def matvec(x, weight, bias=None):
-    """F.linear for one token per row. Under torch.compile it is a broadcast multiply and sum, which Inductor
-    turns into vectorized loops fused with their neighbours: on CPU the LM head's (1, C) x (C, vocab) GEMV,
-    half of a small model's time per token, runs 2x faster that way than through MKL (0.13 vs 0.29 ms for
-    TinyStories-1M on 2 threads), and the layers' small GEMVs lose their call overhead."""
-    if not torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
-    y = (x.unsqueeze(-2) * weight).sum(dim=-1)
-    return y if bias is None else y + bias
+        save_pretrained(self, folder)
 
 
 def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_block: int | None = None):
@@ -620,119 +398,3 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         grad_h = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
         grad_w = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None
-
-
-def check_sampling_args(temperature, top_k, top_p):
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-
-
-def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
-    """Scale (B, vocab) logits by temperature, then keep the top_k and the top_p nucleus (others -inf),
-    in the order transformers applies them."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token once the more likely ones already hold top_p of the mass; the first always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, vocab) logits -> (B, 1) token ids; temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# ---- checkpoint I/O, used only by from_pretrained / save_pretrained ----
-
-def resolve_pretrained(name_or_path: str) -> str:
-    """A local folder as is; 'owner/name' that is not a local path is fetched from the Hugging Face hub."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"no model folder at {name_or_path!r}; pass a checkpoint folder or a hub id like "
-                                "'roneneldan/TinyStories-1M'")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(name_or_path, allow_patterns=[
-            "config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"])
-    except Exception as e:
-        raise OSError(f"could not fetch {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: no folder of "
-                      "that name here and the hub is unreachable or lacks it); download the model on a machine "
-                      "with network access and pass its local folder instead") from e
-
-
-def read_weights(folder: str) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        files = ["pytorch_model.bin"]
-    else:
-        raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin; is the checkpoint complete?")
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        try:
-            if name.endswith(".bin"):
-                state.update(torch.load(path, map_location="cpu", weights_only=True))
-            else:
-                state.update(load_file(path))
-        except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
-            raise ValueError(f"could not read {path}: the file is truncated or corrupt ({e}); save or download "
-                             "the checkpoint again") from e
-    return state
-
-
-def hf_to_tinylm_state_dict(hf_state: dict, config: GPTNeoConfig, expected: dict | None = None) -> dict:
-    """transformers GPT-Neo state dict -> ours; checks every key and shape against `config` (or `expected`, the
-    {name: shape} of a model of that config, when the caller has one)."""
-    if expected is None:
-        with torch.device("meta"):
-            expected = {k: v.shape for k, v in GPTNeo(config).state_dict().items()}
-    ours, lm_head = {}, None
-    for name, tensor in hf_state.items():
-        name = name.removeprefix("transformer.")
-        if name.endswith((".attn.attention.bias", ".attn.attention.masked_bias")):
-            continue  # GPT-Neo's precomputed mask buffers, saved by transformers 4.x
-        if name == "lm_head.weight":
-            lm_head = tensor
-            continue
-        ours[name.replace(".attn.attention.", ".attn.")] = tensor
-    missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match its config.json: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
-    for name, shape in expected.items():
-        if ours[name].shape != shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(ours[name].shape)}, config.json implies "
-                             f"{tuple(shape)}")
-    if lm_head is not None and not torch.equal(lm_head.to(ours["wte.weight"].dtype), ours["wte.weight"]):
-        raise ValueError("checkpoint's lm_head.weight differs from transformer.wte.weight; TinyLM needs a tied LM head")
-    return ours
-
-
-def tinylm_to_hf_state_dict(state: dict) -> dict:
-    """Ours -> transformers GPT-Neo names (the tied lm_head is left out, as transformers saves it)."""
-    return {"transformer." + k.replace(".attn.", ".attn.attention."): v for k, v in state.items()}

@@ -25,94 +25,16 @@ from tqdm import tqdm
 
 from checkpoint import (StorageError, check_run_folder, clear_run, command, load_checkpoint, recover,
                         resumable_checkpoint, run_folder_lock, save_checkpoint)
-from config import TrainConfig, load_config  # noqa: F401 (train.load_config is used by tests and benches)
+from config import TrainConfig, load_config
 from dataload import FULL_VOCAB, get_batch, load_tokenizer, prepare_data
 from devices import pick_device, pick_dtype
 from model import GPTNeo
+from optimizers import Optimizers, budget_progress, get_lr, make_optimizer
+from runlog import plot_losses, start_wandb
 from scoring import evaluate_loss
-from storage import atomic_write, storage_failure
+from storage import storage_failure
 
 BUDGET_UNITS = 1000  # the progress bar counts thousandths of the budget
-
-
-def budget_progress(state: dict, t: TrainConfig, elapsed: float) -> float:
-    """How much of the run's budget is spent, from 0 to 1: the largest used fraction of max_steps, max_tokens and
-    max_minutes (elapsed seconds, earlier invocations of a resumed run included), so the learning-rate schedule
-    ends with whichever limit stops the run."""
-    used = [state["step"] / t.max_steps]
-    if t.max_tokens:
-        used.append(state["tokens"] / t.max_tokens)
-    if t.max_minutes:
-        used.append(elapsed / (60 * t.max_minutes))
-    return min(1.0, max(used))
-
-
-def get_lr(step: int, t: TrainConfig, progress: float | None = None) -> float:
-    """The learning rate of a step at `progress` through the budget (default: step / max_steps): a linear warmup
-    over warmup_steps (done by warmup_fraction of the budget at the latest), times the schedule's shape from lr
-    down to min_lr."""
-    progress = step / t.max_steps if progress is None else progress
-    warm = 1.0 if not t.warmup_steps else min(1.0, max((step + 1) / t.warmup_steps, progress / t.warmup_fraction))
-    if t.lr_schedule == "constant":
-        return t.lr * warm
-    if t.lr_schedule == "wsd":
-        shape = min(1.0, (1.0 - progress) / t.decay_fraction)
-    else:
-        shape = 0.5 * (1 + math.cos(math.pi * progress))
-    return warm * (t.min_lr + (t.lr - t.min_lr) * shape)
-
-
-class Optimizers:
-    """Several optimizers stepped as one, with what the loop and checkpoints use of an optimizer."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state: dict):
-        states = state["optimizers"] if "optimizers" in state else [state]  # checkpoints before Optimizers
-        if len(states) != len(self.optimizers):
-            raise ValueError(f"the checkpoint holds {len(states)} optimizer states and train.optimizer = "
-                             f"{'muon' if len(self.optimizers) > 1 else 'adamw'} needs {len(self.optimizers)}")
-        for o, s in zip(self.optimizers, states):
-            o.load_state_dict(s)
-
-
-def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> Optimizers:
-    """AdamW; or, with train.optimizer = muon, torch.optim.Muon for the hidden matrices (attention and MLP
-    weights) and AdamW for the embeddings (wte is also the LM head), biases and LayerNorms, the split
-    modded-nanogpt uses. Every param group carries lr_scale, its learning rate relative to train.lr, which the
-    schedule multiplies."""
-    matrices, rest = [], []
-    for name, p in model.named_parameters():
-        (matrices if p.dim() == 2 and not name.startswith(("wte", "wpe")) else rest).append(p)
-    fused = torch.device(device).type == "cuda"
-    if t.optimizer == "muon":
-        muon = torch.optim.Muon(matrices, lr=t.muon_lr, weight_decay=t.weight_decay, momentum=t.muon_momentum)
-        adamw = torch.optim.AdamW(rest, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=0.0, fused=fused)
-        optimizers = Optimizers(muon, adamw)
-        muon.param_groups[0]["lr_scale"] = t.muon_lr / t.lr if t.lr else 0.0
-    else:
-        # weight decay on the matrices of the linear layers only: not biases, LayerNorms or embeddings
-        groups = [{"params": matrices, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        optimizers = Optimizers(torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused))
-    for group in optimizers.param_groups:
-        group.setdefault("lr_scale", 1.0)
-    return optimizers
 
 
 def init_distributed(t: TrainConfig):
@@ -134,54 +56,6 @@ def sum_over_ranks(*values: float, device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def any_rank(flag: bool, device) -> bool:
-    """True on every process if `flag` is true on any, so all ranks take the same branch."""
-    return sum_over_ranks(float(flag), device=device)[0] > 0
-
-
-def start_wandb(args, config: dict, out_dir: str, run_id: str | None):
-    """A wandb run, or None. WANDB_MODE=offline/disabled is honored; with no API key it logs offline; any other
-    wandb failure is a warning, never the end of the training run."""
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("error: --use_wandb needs the wandb package: pip install wandb") from None
-    kwargs = dict(project=args.wandb_project, name=args.wandb_run_name, dir=out_dir, id=run_id, resume="allow",
-                  config={k: dataclasses.asdict(v) for k, v in config.items()})
-    try:
-        try:  # WANDB_MODE is passed on explicitly: wandb reads the environment only once per process
-            return wandb.init(mode=os.environ.get("WANDB_MODE") or None, **kwargs)
-        except wandb.errors.UsageError as e:  # no API key and WANDB_MODE unset: nothing needs an account offline
-            print(f"wandb: {e}; logging offline under {out_dir}/wandb (upload later with `wandb sync`)")
-            return wandb.init(mode="offline", **kwargs)
-    except Exception as e:
-        print(f"warning: wandb could not start ({type(e).__name__}: {e}); training continues without it")
-        return None
-
-
-def plot_losses(metrics_path: str, png_path: str):
-    """Training and validation loss against tokens seen, from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(metrics_path)]
-    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r and "tokens" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train")
-    if val:
-        ax.plot(*zip(*val), marker="o", ms=3, label="validation")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(png_path, lambda path: fig.savefig(path, format="png", dpi=120))
-    plt.close(fig)
 
 
 class SkipEvaluation(Exception):
@@ -249,36 +123,93 @@ def main(argv=None) -> int:
         return train(args, config, notes, rank, world, device)
 
 
+@dataclasses.dataclass
+class Run:
+    """What the steps of one training run share. set_up builds it; train_step, evaluate_and_save and finish
+    advance it; `state` is what each checkpoint saves of the run (step, tokens, best_val, bad_evals, elapsed)."""
+    args: argparse.Namespace
+    config: dict
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    splits: dict  # "train" and "val" token arrays
+    model: GPTNeo  # the weights (fp32) that are evaluated and saved
+    train_model: torch.nn.Module  # the same model as the loop runs it: compiled and/or wrapped in DDP
+    opt: Optimizers
+    autocast: torch.autocast
+    state: dict
+    metrics: object = None  # metrics.jsonl, open for appending (rank 0)
+    wandb_run: object = None
+    stop: dict = dataclasses.field(default_factory=lambda: {"signals": [], "evaluating": False})
+    bar: tqdm | None = None
+    start: float = 0.0  # time.time() when the run would have started had it never been interrupted
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def t(self) -> TrainConfig:
+        return self.config["train"]
+
+    @property
+    def last_dir(self) -> str:
+        return os.path.join(self.t.out_dir, "last")
+
+    @property
+    def best_dir(self) -> str:
+        return os.path.join(self.t.out_dir, "best")
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+    def say(self, line: str):
+        """A line between progress-bar updates (rank 0)."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
+        else:
+            self.log(line)
+
+
 def train(args, config: dict, notes: list[str], rank: int, world: int, device) -> int:
-    m, d, t = config["model"], config["data"], config["train"]
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    """Set up, run the loop until a limit, a signal or early stopping ends it, save, and say how it went."""
+    run = set_up(args, config, notes, rank, world, device)
+    first_step, first_tokens, t_first = run.state["step"], run.state["tokens"], time.time()
+    run.bar = budget_bar(budget_progress(run.state, run.t, run.state["elapsed"]),
+                         enabled=run.master and sys.stderr.isatty())
+    previous_handlers = catch_stop_signals(run.stop, run.say, can_skip_evaluation=world == 1)
+    run.start = time.time() - run.state["elapsed"]
+    try:
+        reason, exit_code = training_loop(run)
+        run.bar.close()
+        finish(run, reason, exit_code)
+    except (StorageError, OSError) as e:
+        run.bar.close()
+        raise SystemExit(storage_stop(e, args, world, run.t.out_dir, run.last_dir)) from None
+    finally:
+        restore_signals(previous_handlers)
+    summarize(run, reason, exit_code, run.state["step"] - first_step, run.state["tokens"] - first_tokens,
+              time.time() - t_first)
+    if dist.is_initialized():
+        # every rank waits for rank 0's saving and plotting: a rank that tore its process group down while the
+        # other still used it died at exit in gloo ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
+    return exit_code
+
+
+def set_up(args, config: dict, notes: list[str], rank: int, world: int, device) -> Run:
+    """Data, model, optimizer and precision; the checkpoint of a resumed run; the metrics file and wandb."""
+    m, t = config["model"], config["train"]
+    log = print if rank == 0 else (lambda *a, **k: None)
     for section in ("data", "train"):  # [model] follows once the tokenizer has set its vocabulary and ids
         log(f"[{section}] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config[section]).items()))
     for note in notes:
         log(f"note: {note}")
     torch.manual_seed(t.seed)
-    vocab_size = FULL_VOCAB if d.tokenizer == "gpt-neo" else m.vocab_size
-    last_dir, best_dir = os.path.join(t.out_dir, "last"), os.path.join(t.out_dir, "best")
-    if master and args.resume:
-        for folder in (best_dir, last_dir):
-            recover(folder)  # put back what a crash inside save_checkpoint may have left half-swapped
-    if not master:
-        dist.barrier()  # rank 0 builds the tokenizer and caches; the others then reuse them
-    try:
-        # a resumed run keeps the tokenizer its weights were trained with, whatever the data now is
-        tokenizer = load_tokenizer(last_dir) if args.resume else None
-        tokenizer, splits, _ = prepare_data(d.dataset, vocab_size, d.cache_dir, d.val_dataset, d.val_fraction,
-                                            tokenizer=tokenizer, log=log, hub_files=d.hub_files,
-                                            streaming=d.streaming)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if master and world > 1:
-        dist.barrier()
-    for split in ("train", "val"):
-        if len(splits[split]) < d.block_size + 1:
-            raise SystemExit(f"error: the {split} split has {len(splits[split])} tokens, fewer than "
-                             "data.block_size + 1; lower data.block_size or add data")
+    tokenizer, splits = load_data(args, config, rank, world, log)
     eot = tokenizer.eos_token_id
     model_config = dataclasses.replace(m, vocab_size=len(tokenizer), bos_token_id=eot, eos_token_id=eot)
     log("[model] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_config).items()))
@@ -289,11 +220,10 @@ def train(args, config: dict, notes: list[str], rank: int, world: int, device) -
         + (f", {world} processes" if world > 1 else "")
         + (", bf16 mixed precision" if precision == "bfloat16" else ", float32")
         + (f" (train.dtype = auto: {why})" if t.dtype == "auto" else ""))
-
     state = {"step": 0, "tokens": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0}
     if args.resume:
         try:
-            state = load_checkpoint(last_dir, model, opt)
+            state = load_checkpoint(os.path.join(t.out_dir, "last"), model, opt)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         log(f"# resumed at step {state['step']} ({state['tokens']:,} tokens, {state['elapsed'] / 60:.1f} minutes)")
@@ -301,147 +231,195 @@ def train(args, config: dict, notes: list[str], rank: int, world: int, device) -
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-    if master and args.overwrite:
-        clear_run(t.out_dir)
-        log(f"# --overwrite: deleted the previous run in {t.out_dir}")
-    metrics_path = os.path.join(t.out_dir, "metrics.jsonl")
-    metrics = open(metrics_path, "a") if master else None
-    run = start_wandb(args, config, t.out_dir, state.get("wandb_id")) if args.use_wandb and master else None
-    if run is not None:
-        state["wandb_id"] = run.id
+    run = Run(args, config, rank, world, device, tokenizer, splits, model, train_model, opt, autocast, state)
+    if run.master:
+        if args.overwrite:
+            clear_run(t.out_dir)
+            log(f"# --overwrite: deleted the previous run in {t.out_dir}")
+        run.metrics = open(os.path.join(t.out_dir, "metrics.jsonl"), "a")
+        run.wandb_run = start_wandb(args, config, t.out_dir, state.get("wandb_id")) if args.use_wandb else None
+        if run.wandb_run is not None:
+            state["wandb_id"] = run.wandb_run.id
+    return run
 
-    def record(row: dict):
-        if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if run is not None:
-                run.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
 
-    def evaluate_and_save():
-        """Score the validation split, keep best/ if it improved, and write last/ at this step."""
-        stop["evaluating"] = True
-        try:
-            val, n = evaluate_loss(model, splits["val"], t.batch_size, d.block_size, t.eval_tokens, device,
-                                   shard=(rank, world))
-        finally:
-            stop["evaluating"] = False
-        if world > 1:  # each rank scored its share of the batches; all get the same total, and decision
-            val_sum, n = sum_over_ranks(val * n, n, device=device)
-            val = val_sum / n
-        improved = val < state["best_val"] - t.min_delta
-        state["evaluated_step"] = state["step"]  # a resumed run does not evaluate this step again
-        state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
-        record({"step": state["step"], "tokens": state["tokens"], "val_loss": val})
-        say(f"step {state['step']:6d} | val {val:.4f} | best {state['best_val']:.4f}")
-        state["elapsed"] = time.time() - start
-        if master:
-            if improved:
-                save_checkpoint(best_dir, model, tokenizer, opt, state, config, resumable=False)
-            save_checkpoint(last_dir, model, tokenizer, opt, state, config)
-
-    tokens_per_step = t.batch_size * t.grad_accum * d.block_size * world
-    bar = budget_bar(budget_progress(state, t, state["elapsed"]), enabled=master and sys.stderr.isatty())
-    say = bar.write if not bar.disable else log  # lines between progress-bar updates
-    stop = {"signals": [], "evaluating": False}
-    previous_handlers = catch_stop_signals(stop, say, can_skip_evaluation=world == 1)
-    start, t_last, reason, exit_code = time.time() - state["elapsed"], time.time(), None, 0
-    first_step, first_tokens, t_first = state["step"], state["tokens"], time.time()
-    model.train()
+def load_data(args, config: dict, rank: int, world: int, log) -> tuple:
+    """(tokenizer, splits): rank 0 builds the tokenizer and token caches, the other ranks then read them. A
+    resumed run keeps the tokenizer its weights were trained with, whatever the data now is."""
+    m, d, t = config["model"], config["data"], config["train"]
+    last_dir = os.path.join(t.out_dir, "last")
+    if rank == 0 and args.resume:
+        for folder in (os.path.join(t.out_dir, "best"), last_dir):
+            recover(folder)  # put back what a crash inside save_checkpoint may have left half-swapped
+    if rank != 0:
+        dist.barrier()
     try:
-        while True:
-            step = state["step"]
-            # every rank takes the same branch: the time limit and signals are decided by all of them together
-            elapsed, signalled = sum_over_ranks(time.time() - start, float(bool(stop["signals"])), device=device)
-            elapsed /= world  # the ranks' mean: every rank takes the same learning rate and stop decision
-            out_of_time = bool(t.max_minutes) and elapsed >= 60 * t.max_minutes
-            if signalled:
-                reason, exit_code = interrupted(stop)
-            elif step >= t.max_steps:
-                reason = "max_steps reached"
-            elif t.max_tokens and state["tokens"] >= t.max_tokens:
-                reason = "max_tokens reached"
-            elif out_of_time:
-                reason = f"max_minutes reached (train.max_minutes = {t.max_minutes:g} counts the whole run, earlier " \
-                         "invocations of a resumed run included)"
-            # every stop evaluates the model it ends with, so best/ is never older than the final weights
-            if (reason or step % t.eval_interval == 0) and state.get("evaluated_step") != step:
-                try:
-                    evaluate_and_save()
-                except SkipEvaluation:  # a second signal: stop now, saving last/ without the evaluation
-                    log("second signal: saving without the evaluation")
-                    signal_reason, exit_code = interrupted(stop)
-                    reason = reason or signal_reason
-            if reason is None and t.patience and state["bad_evals"] >= t.patience:
-                reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
-            if reason:
-                break
-            lr = get_lr(step, t, budget_progress(state, t, elapsed))
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            loss_sum = 0.0
-            for micro in range(t.grad_accum):
-                # rank r of w takes batch (step * grad_accum + micro) * w + r: w processes see the batches that one
-                # process with w times the grad_accum would see, and a resumed run sees the same ones again
-                index = (step * t.grad_accum + micro) * world + rank
-                x, y = get_batch(splits["train"], t.batch_size, d.block_size, index, t.seed, device)
-                sync = contextlib.nullcontext() if world == 1 or micro == t.grad_accum - 1 else train_model.no_sync()
-                with sync:
-                    with autocast:
-                        loss = train_model(x, y)[1] / t.grad_accum
-                    loss.backward()
-                loss_sum += loss.item()
-            loss_sum = sum_over_ranks(loss_sum, device=device)[0] / world
-            if not math.isfinite(loss_sum):
-                reason, exit_code = f"loss became {loss_sum} at step {step}; the last good checkpoint is {last_dir}", 1
-                break
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state["step"], state["tokens"] = step + 1, state["tokens"] + tokens_per_step
-            now = time.time()
-            tok_s = tokens_per_step / (now - t_last)
-            t_last = now
-            record({"step": step + 1, "tokens": state["tokens"], "loss": loss_sum, "lr": lr, "tok_s": round(tok_s)})
-            advance(bar, budget_progress(state, t, now - start))
-            bar.set_postfix({"step": step + 1, "loss": f"{loss_sum:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tok_s:.0f}"},
+        tokenizer = load_tokenizer(last_dir) if args.resume else None
+        tokenizer, splits, _ = prepare_data(d.dataset, FULL_VOCAB if d.tokenizer == "gpt-neo" else m.vocab_size,
+                                            d.cache_dir, d.val_dataset, d.val_fraction, tokenizer=tokenizer,
+                                            log=log, hub_files=d.hub_files, streaming=d.streaming)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if rank == 0 and world > 1:
+        dist.barrier()
+    for split in ("train", "val"):
+        if len(splits[split]) < d.block_size + 1:
+            raise SystemExit(f"error: the {split} split has {len(splits[split])} tokens, fewer than "
+                             "data.block_size + 1; lower data.block_size or add data")
+    return tokenizer, splits
+
+
+def training_loop(run: Run) -> tuple[str, int]:
+    """Steps until a stop rule fires; every stop evaluates and saves the model it ends with first. Returns
+    (why it stopped, exit status)."""
+    t, state = run.t, run.state
+    run.model.train()
+    t_last = time.time()
+    while True:
+        # every rank takes the same branch: the time limit and signals are decided by all of them together
+        elapsed, signalled = sum_over_ranks(time.time() - run.start, float(bool(run.stop["signals"])),
+                                            device=run.device)
+        elapsed /= run.world  # the ranks' mean: every rank takes the same learning rate and stop decision
+        reason, exit_code = limit_reached(run, elapsed, signalled)
+        # every stop evaluates the model it ends with, so best/ is never older than the final weights
+        if (reason or state["step"] % t.eval_interval == 0) and state.get("evaluated_step") != state["step"]:
+            try:
+                evaluate_and_save(run)
+            except SkipEvaluation:  # a second signal: stop now, saving last/ without the evaluation
+                run.log("second signal: saving without the evaluation")
+                signal_reason, exit_code = interrupted(run.stop)
+                reason = reason or signal_reason
+        if reason is None and t.patience and state["bad_evals"] >= t.patience:
+            reason = f"early stopping: no improvement of {t.min_delta} in {t.patience} evaluations"
+        if reason:
+            return reason, exit_code
+        step = state["step"]
+        loss, lr = train_step(run, elapsed)
+        if not math.isfinite(loss):
+            return f"loss became {loss} at step {step}; the last good checkpoint is {run.last_dir}", 1
+        now = time.time()
+        tok_s = tokens_per_step(run) / (now - t_last)
+        t_last = now
+        record(run, {"step": step + 1, "tokens": state["tokens"], "loss": loss, "lr": lr, "tok_s": round(tok_s)})
+        advance(run.bar, budget_progress(state, t, now - run.start))
+        run.bar.set_postfix({"step": step + 1, "loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tok_s:.0f}"},
                             refresh=False)
-            if bar.disable and (step + 1) % t.log_interval == 0:
-                log(f"step {step + 1:6d} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_s:.0f} tok/s")
-        bar.close()
-        if master and exit_code != 1 and state.get("evaluated_step") != state["step"]:
-            state["elapsed"] = time.time() - start
-            save_checkpoint(last_dir, model, tokenizer, opt, state, config)  # a skipped final evaluation
-        record({"step": state["step"], "stop": reason})
-        if master:
-            metrics.close()
-            plot_losses(metrics_path, os.path.join(t.out_dir, "loss.png"))
-            if run is not None:
-                run.summary.update({"best_val_loss": state["best_val"], "stop": reason})
-                run.finish()
-    except (StorageError, OSError) as e:
-        bar.close()
-        raise SystemExit(storage_stop(e, args, world, t.out_dir, last_dir)) from None
+        if run.bar.disable and (step + 1) % t.log_interval == 0:
+            run.log(f"step {step + 1:6d} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:.0f} tok/s")
+
+
+def limit_reached(run: Run, elapsed: float, signalled: bool) -> tuple[str | None, int]:
+    """(why the run stops now, exit status), or (None, 0) to go on."""
+    t, state = run.t, run.state
+    if signalled:
+        return interrupted(run.stop)
+    if state["step"] >= t.max_steps:
+        return "max_steps reached", 0
+    if t.max_tokens and state["tokens"] >= t.max_tokens:
+        return "max_tokens reached", 0
+    if t.max_minutes and elapsed >= 60 * t.max_minutes:
+        return (f"max_minutes reached (train.max_minutes = {t.max_minutes:g} counts the whole run, earlier "
+                "invocations of a resumed run included)"), 0
+    return None, 0
+
+
+def tokens_per_step(run: Run) -> int:
+    return run.t.batch_size * run.t.grad_accum * run.config["data"].block_size * run.world
+
+
+def train_step(run: Run, elapsed: float) -> tuple[float, float]:
+    """One optimizer step over grad_accum micro-batches on every rank: (the mean loss, the learning rate)."""
+    t, d, state = run.t, run.config["data"], run.state
+    step = state["step"]
+    lr = get_lr(step, t, budget_progress(state, t, elapsed))
+    for group in run.opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    loss_sum = 0.0
+    for micro in range(t.grad_accum):
+        # rank r of w takes batch (step * grad_accum + micro) * w + r: w processes see the batches that one
+        # process with w times the grad_accum would see, and a resumed run sees the same ones again
+        index = (step * t.grad_accum + micro) * run.world + run.rank
+        x, y = get_batch(run.splits["train"], t.batch_size, d.block_size, index, t.seed, run.device)
+        last_micro = run.world == 1 or micro == t.grad_accum - 1
+        with contextlib.nullcontext() if last_micro else run.train_model.no_sync():
+            with run.autocast:
+                loss = run.train_model(x, y)[1] / t.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    loss_sum = sum_over_ranks(loss_sum, device=run.device)[0] / run.world
+    if not math.isfinite(loss_sum):
+        return loss_sum, lr  # the weights are left as they were
+    if t.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    state["step"], state["tokens"] = step + 1, state["tokens"] + tokens_per_step(run)
+    return loss_sum, lr
+
+
+def evaluate_and_save(run: Run):
+    """Score the validation split, keep best/ if it improved, and write last/ at this step."""
+    t, state = run.t, run.state
+    run.stop["evaluating"] = True
+    try:
+        val, n = evaluate_loss(run.model, run.splits["val"], t.batch_size, run.config["data"].block_size,
+                               t.eval_tokens, run.device, shard=(run.rank, run.world))
     finally:
-        restore_signals(previous_handlers)
-    seconds = time.time() - t_first
-    trained = state["tokens"] - first_tokens
-    log(f"stopped: {reason}\n"
-        f"  {state['step'] - first_step} steps, {trained:,} tokens in {seconds / 60:.1f} minutes "
-        f"({trained / max(seconds, 1e-9):,.0f} tokens/s); {state['tokens']:,} tokens in all\n"
-        f"  best val loss {state['best_val']:.4f} in {best_dir}; loss curve in {os.path.join(t.out_dir, 'loss.png')}\n"
-        f"  sample: python inference.py --model {shlex.quote(best_dir)}")
+        run.stop["evaluating"] = False
+    if run.world > 1:  # each rank scored its share of the batches; all get the same total, and decision
+        val_sum, n = sum_over_ranks(val * n, n, device=run.device)
+        val = val_sum / n
+    improved = val < state["best_val"] - t.min_delta
+    state["evaluated_step"] = state["step"]  # a resumed run does not evaluate this step again
+    state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
+    record(run, {"step": state["step"], "tokens": state["tokens"], "val_loss": val})
+    run.say(f"step {state['step']:6d} | val {val:.4f} | best {state['best_val']:.4f}")
+    state["elapsed"] = time.time() - run.start
+    if run.master:
+        if improved:
+            save_checkpoint(run.best_dir, run.model, run.tokenizer, run.opt, state, run.config, resumable=False)
+        save_checkpoint(run.last_dir, run.model, run.tokenizer, run.opt, state, run.config)
+
+
+def record(run: Run, row: dict):
+    """One line of metrics.jsonl, and of wandb's log."""
+    if run.master:
+        run.metrics.write(json.dumps(row) + "\n")
+        run.metrics.flush()
+        if run.wandb_run is not None:
+            run.wandb_run.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+                              step=row["step"])
+
+
+def finish(run: Run, reason: str, exit_code: int):
+    """After the loop: last/ where the final evaluation was skipped, the stop in metrics, the loss curve."""
+    state = run.state
+    if run.master and exit_code != 1 and state.get("evaluated_step") != state["step"]:
+        state["elapsed"] = time.time() - run.start
+        save_checkpoint(run.last_dir, run.model, run.tokenizer, run.opt, state, run.config)
+    record(run, {"step": state["step"], "stop": reason})
+    if run.master:
+        run.metrics.close()
+        plot_losses(run.metrics.name, os.path.join(run.t.out_dir, "loss.png"))
+        if run.wandb_run is not None:
+            run.wandb_run.summary.update({"best_val_loss": state["best_val"], "stop": reason})
+            run.wandb_run.finish()
+
+
+def summarize(run: Run, reason: str, exit_code: int, steps: int, trained: int, seconds: float):
+    """What this invocation did, where the model is, and the command that continues the run."""
+    t, state = run.t, run.state
+    run.log(f"stopped: {reason}\n"
+            f"  {steps} steps, {trained:,} tokens in {seconds / 60:.1f} minutes "
+            f"({trained / max(seconds, 1e-9):,.0f} tokens/s); {state['tokens']:,} tokens in all\n"
+            f"  best val loss {state['best_val']:.4f} in {run.best_dir}; loss curve in "
+            f"{os.path.join(t.out_dir, 'loss.png')}\n"
+            f"  sample: python inference.py --model {shlex.quote(run.best_dir)}")
     more = {"max_minutes": {"train.max_minutes": f"{2 * (t.max_minutes or 0):g}"},
             "max_tokens": {"train.max_tokens": str(2 * (t.max_tokens or 0))},
             "max_steps": {"train.max_steps": str(2 * t.max_steps)}}
     if exit_code != 1 and not reason.startswith("early stopping"):
-        log(f"  continue: {command(args, world, True, more.get(reason.split()[0]))}")
-    if dist.is_initialized():
-        # every rank waits for rank 0's saving and plotting: a rank that tore its process group down while the
-        # other still used it died at exit in gloo ("terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
-    return exit_code
+        run.log(f"  continue: {command(run.args, run.world, True, more.get(reason.split()[0]))}")
 
 
 def budget_bar(progress: float, enabled: bool) -> tqdm:

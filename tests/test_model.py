@@ -13,8 +13,9 @@ from transformers import GPTNeoForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from conftest import DEVICE, FP32_TOLERANCE
-from model import (GPTNeo, GPTNeoConfig, KVCache, filter_logits, hf_to_tinylm_state_dict, lm_head_cross_entropy,
-                   sample_next_token)
+from generation import KVCache, filter_logits, sample_next_token
+from hf_weights import hf_to_tinylm_state_dict
+from model import GPTNeo, GPTNeoConfig, lm_head_cross_entropy
 
 # TinyStories-1M as released, and an odd small shape: 3 heads of 8, MLP 40 wide, window 7.
 SHAPES = {

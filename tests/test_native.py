@@ -5,7 +5,9 @@ import torch
 from test_model import make_hf, sharpen_
 from transformers import GPTNeoForCausalLM
 
-from model import GPTNeo, GPTNeoConfig, KVCache, hf_to_tinylm_state_dict
+from generation import KVCache
+from hf_weights import hf_to_tinylm_state_dict
+from model import GPTNeo, GPTNeoConfig
 from native import load_library, native_decode_step
 
 

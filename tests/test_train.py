@@ -352,7 +352,7 @@ def test_offline_the_hub_dataset_fails_fast_and_leaves_nothing(tmp_path):
 
 def test_schedule_shapes_follow_the_budget():
     from config import TrainConfig
-    from train import budget_progress, get_lr
+    from optimizers import budget_progress, get_lr
     t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=1000, max_minutes=10.0)
     assert budget_progress({"step": 100, "tokens": 0}, t, elapsed=300.0) == 0.5  # the time limit is closest
     assert budget_progress({"step": 900, "tokens": 0}, t, elapsed=300.0) == 0.9  # the step limit is
