@@ -1,8 +1,5 @@
 """model.py against transformers' GPTNeoForCausalLM (random weights, built locally, no network)."""
 
-import copy
-import io
-import json
 import os
 
 import pytest
@@ -10,10 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from conftest import DEVICE, FP32_TOLERANCE
-from generation import KVCache, filter_logits, sample_next_token
 from hf_weights import hf_to_tinylm_state_dict
 from model import GPTNeo, GPTNeoConfig, lm_head_cross_entropy
 
@@ -246,171 +241,6 @@ def test_mixed_heads_match_explicit_masked_reference(T):
     with torch.no_grad():
         logits, _ = model.to(DEVICE)(idx.to(DEVICE))
     assert_logits_close(logits.double(), ref)
-
-
-def cache_test_model(heads: dict, length: int):
-    """(config, model, idx (2, length), full-forward logits) of a 4-layer model with a window of 6."""
-    config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=4, n_head=4, n_embd=32,
-                          window_size=6, **heads)
-    model = sharpen_(GPTNeo(config)).eval().to(DEVICE)
-    idx = torch.randint(0, 101, (2, length), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    with torch.no_grad():
-        return config, model, idx, model(idx)[0]
-
-
-@pytest.mark.parametrize("heads", [dict(attention_types="local,global"), dict(local_heads=[2, 0, 4, 1]),
-                                   dict(local_heads=4)])
-def test_kv_cache_decoding_equals_full_forward(heads):
-    config, model, idx, full = cache_test_model(heads, 40)
-    with torch.no_grad():
-        cache = KVCache(config, batch_size=2, max_len=40, device=DEVICE)
-        # a prompt, single tokens across the window edge, a multi-token step into a warm cache, more singles
-        steps = [0, 5] + list(range(6, 20)) + [27] + list(range(28, 41))
-        pieces = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in zip(steps, steps[1:])]
-    assert cache.pos == 40
-    for ring in (r for r in cache.local_kv if r is not None):
-        assert ring.size(3) == config.window_size  # local heads never cache more than their window
-    assert_logits_close(torch.cat(pieces, dim=1), full)
-
-
-@pytest.mark.parametrize("heads", [dict(attention_types="local,global"), dict(local_heads=[2, 0, 4, 1])])
-def test_decode_step_equals_full_forward(heads):
-    # generate's per-token step: static shapes, positions as a tensor, not-yet-seen cache slots masked
-    config, model, idx, full = cache_test_model(heads, 30)
-    with torch.no_grad():
-        cache = KVCache(config, batch_size=2, max_len=30, device=DEVICE)
-        pieces = [model(idx[:, :3], kv_cache=cache)[0]]
-        for p in range(3, 30):  # crosses the window edge at 6 and wraps the ring several times
-            pieces.append(model.decode_step(idx[:, p:p + 1], torch.tensor([p], device=DEVICE), cache)[:, None])
-            cache.pos += 1
-    assert_logits_close(torch.cat(pieces, dim=1), full)
-
-
-def test_compiled_generation_gives_the_same_tokens():
-    config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=3, n_head=4, n_embd=32,
-                          window_size=6, local_heads=[2, 4, 0])
-    model = sharpen_(GPTNeo(config)).eval().to(DEVICE)
-    prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    eager = model.generate(prompt, 30, temperature=0, backend="eager")
-    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
-    # one compiled graph serves a second call of another length (the cache shapes become dynamic, not a
-    # recompile per step)
-    assert torch.equal(model.generate(prompt, 20, temperature=0, compile=True), eager[:, :25])
-    # the compiled step is bound to this model: copies must not share it (they would run these weights)
-    twin = copy.deepcopy(model)
-    assert "_compiled_decode_steps" not in twin.__dict__ and torch.equal(twin.generate(prompt, 30, temperature=0), eager)
-    torch.save(model, io.BytesIO())
-
-
-def test_greedy_generate_matches_transformers_past_window():
-    hf = make_hf("odd_small")
-    ours = GPTNeo(GPTNeoConfig.from_hf_dict(hf.config.to_dict()))
-    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.config))
-    hf.to(DEVICE), ours.to(DEVICE)
-    prompt = torch.randint(1, 97, (1, 4), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, min_new_tokens=40,
-                      do_sample=False, pad_token_id=0)
-    out = ours.generate(prompt, 40, temperature=0)
-    assert out.shape == (1, 44)
-    assert torch.equal(out, ref)
-
-
-def test_generate_batch_eos_and_limits():
-    model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=50, max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16,
-                                         window_size=4))).eval().to(DEVICE)
-    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    both = model.generate(prompt, 10, temperature=0)
-    for row in range(2):  # batching does not change a row's greedy continuation
-        assert torch.equal(model.generate(prompt[row:row + 1], 10, temperature=0)[0], both[row])
-    eos = both[0, 3].item()  # row 0's first new token
-    stopped = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
-    assert stopped[0, 3] == eos and (stopped[0, 3:] == eos).all()  # finished rows are padded with eos
-    if (both[1, 3:] != eos).all():
-        assert torch.equal(stopped[1], both[1])
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model.generate(prompt, 30)  # 3 + 30 > 32
-    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(ValueError):
-            model.generate(prompt, 2, **bad)
-
-
-def test_sampling_is_seedable_and_filters_match_transformers():
-    model = GPTNeo(GPTNeoConfig(vocab_size=50, max_position_embeddings=32, n_layer=1, n_head=2, n_embd=16))
-    model.eval().to(DEVICE)
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
-    a = model.generate(prompt, 20, top_k=10, generator=torch.Generator(DEVICE).manual_seed(7))
-    b = model.generate(prompt, 20, top_k=10, generator=torch.Generator(DEVICE).manual_seed(7))
-    assert torch.equal(a, b)
-    assert torch.equal(model.generate(prompt, 20, top_k=1), model.generate(prompt, 20, temperature=0))
-
-    logits = 3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(8))
-    for top_p in (0.1, 0.5, 0.9):
-        ref = TopPLogitsWarper(top_p)(None, logits.clone())
-        assert torch.equal(filter_logits(logits, 1.0, None, top_p).isinf(), ref.isinf())
-    assert torch.equal(filter_logits(logits, 0.7, 20, None).isinf(), TopKLogitsWarper(20)(None, logits.clone()).isinf())
-    samples = sample_next_token(logits[:1].expand(2000, -1), 1.0, 5, None, torch.Generator().manual_seed(9))
-    assert set(samples.flatten().tolist()) <= set(logits[0].topk(5).indices.tolist())
-
-
-def test_save_pretrained_loads_in_transformers_with_identical_logits(tmp_path):
-    model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=120, max_position_embeddings=96, n_layer=3, n_head=4, n_embd=32,
-                                         window_size=5, attention_types="global,local,local"))).eval()
-    model.save_pretrained(str(tmp_path))
-    hf, info = GPTNeoForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert hf.config.attention_layers == ["global", "local", "local"]
-    idx = torch.randint(0, 120, (2, 60))
-    with torch.no_grad():
-        ours, _ = model(idx)
-        assert_logits_close(ours, hf.eval()(idx).logits)
-        again, _ = GPTNeo.from_pretrained(str(tmp_path))(idx)
-    assert torch.equal(again, ours)
-
-
-def test_mixed_model_round_trips_but_transformers_refuses(tmp_path):
-    model = sharpen_(GPTNeo(GPTNeoConfig(**MIXED))).eval()
-    model.save_pretrained(str(tmp_path))
-    with pytest.raises((NotImplementedError, ValueError)):
-        GPTNeoForCausalLM.from_pretrained(str(tmp_path))
-    reloaded = GPTNeo.from_pretrained(str(tmp_path))
-    assert reloaded.config == model.config
-    idx = torch.randint(0, 101, (1, 30))
-    with torch.no_grad():
-        assert torch.equal(reloaded(idx)[0], model(idx)[0])
-
-
-def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model folder"):
-        GPTNeo.from_pretrained(str(tmp_path / "missing"))
-    with pytest.raises(OSError, match="local folder"):
-        GPTNeo.from_pretrained("roneneldan/TinyStories-1M-not-cached")  # HF_HUB_OFFLINE=1 in conftest
-    model = GPTNeo(GPTNeoConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=16, max_position_embeddings=16))
-    folder = tmp_path / "ckpt"
-    model.save_pretrained(str(folder))
-    weights = folder / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        GPTNeo.from_pretrained(str(folder))
-    weights.unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        GPTNeo.from_pretrained(str(folder))
-    model.save_pretrained(str(folder))
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
-    with pytest.raises(ValueError, match="shape"):
-        GPTNeo.from_pretrained(str(folder))
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="gpt_neo"):
-        GPTNeo.from_pretrained(str(folder))
-
-
-def test_untied_lm_head_is_refused():
-    config = GPTNeoConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, max_position_embeddings=16)
-    state = {"transformer." + k.replace(".attn.", ".attn.attention."): v for k, v in GPTNeo(config).state_dict().items()}
-    state["lm_head.weight"] = torch.randn(64, 16)
-    with pytest.raises(ValueError, match="tied"):
-        hf_to_tinylm_state_dict(state, config)
 
 
 @pytest.mark.parametrize("kwargs, message", [

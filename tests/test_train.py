@@ -350,21 +350,6 @@ def test_offline_the_hub_dataset_fails_fast_and_leaves_nothing(tmp_path):
 
 # ---- the learning-rate schedule ends with the budget ----
 
-def test_schedule_shapes_follow_the_budget():
-    from config import TrainConfig
-    from optimizers import budget_progress, get_lr
-    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=1000, max_minutes=10.0)
-    assert budget_progress({"step": 100, "tokens": 0}, t, elapsed=300.0) == 0.5  # the time limit is closest
-    assert budget_progress({"step": 900, "tokens": 0}, t, elapsed=300.0) == 0.9  # the step limit is
-    assert budget_progress({"step": 10, "tokens": 0}, t, elapsed=3000.0) == 1.0
-    assert get_lr(0, t, 0.0) == pytest.approx(0.1) and get_lr(9, t, 0.01) == pytest.approx(1.0, rel=1e-3)
-    assert get_lr(500, t, 0.5) == pytest.approx(0.55) and get_lr(999, t, 1.0) == pytest.approx(0.1)
-    long_warmup = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10_000, warmup_fraction=0.05, lr_schedule="constant")
-    assert get_lr(3, long_warmup, 0.025) == 0.5 and get_lr(5, long_warmup, 0.05) == 1.0  # ends at 5% of the budget
-    wsd = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=1, lr_schedule="wsd", decay_fraction=0.2)
-    assert [get_lr(50, wsd, p) for p in (0.5, 0.8, 0.9, 1.0)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
-
-
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_the_decay_completes_when_the_time_limit_stops_the_run(tmp_path, schedule):
     # warmup_steps and max_steps far beyond what 3 seconds allow: the schedule follows the clock instead
