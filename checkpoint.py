@@ -217,8 +217,7 @@ def is_model_folder(folder: str, root: str) -> bool:
 def newest_model(root: str) -> tuple[str | None, str]:
     """(folder, why) of the model a bare `inference.py` samples: best/ of the newest run that has ended, else
     the newest best/, else the newest other model folder under root (never last/, .tmp or .old)."""
-    folders = [os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "config.json"), recursive=True)]
-    folders = [f for f in folders if is_model_folder(f, root) and os.path.basename(f) != "last"]
+    folders = model_folders(root)
     if not folders:
         return None, ""
     newest = lambda fs: max(fs, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")))
@@ -229,6 +228,18 @@ def newest_model(root: str) -> tuple[str | None, str]:
     if best:
         return newest(best), "the best model so far of a run that has not finished"
     return newest(folders), "the newest model folder"
+
+
+def model_folders(root: str) -> list[str]:
+    """Every complete model folder under root but last/ (resuming's, not sampling's), and never .tmp or .old."""
+    folders = [os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "config.json"), recursive=True)]
+    return [f for f in folders if is_model_folder(f, root) and os.path.basename(f) != "last"]
+
+
+def finished_models(root: str) -> list[str]:
+    """best/ of every run under root that has ended, newest first: the models `inference.py --serve` offers."""
+    ended = [f for f in model_folders(root) if os.path.basename(f) == "best" and run_has_ended(os.path.dirname(f))]
+    return sorted(ended, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")), reverse=True)
 
 
 def resumable_checkpoint(folder: str) -> str | None:

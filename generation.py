@@ -176,8 +176,10 @@ class GenerationMixin:
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None,
                         generator: torch.Generator | None = None, compile: bool = False, step=None,
-                        backend: str = "auto"):
-        """Yield the next tokens (B, 1) one step at a time, as `generate` appends them."""
+                        backend: str = "auto", output_logits: bool = False):
+        """Yield the next tokens (B, 1) one step at a time, as `generate` appends them; with output_logits,
+        (token, logits): the (B, vocab) logits it was drawn from, before temperature and filtering, valid until
+        the next token is asked for (a step may reuse their memory)."""
         check_sampling_args(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -203,7 +205,7 @@ class GenerationMixin:
             if eos_token_id is not None:
                 x = x.masked_fill(done[:, None], eos_token_id)
                 done |= x[:, 0] == eos_token_id
-            yield x
+            yield (x, logits) if output_logits else x
             if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 return
             # Every step of one generation passes the same model, cache and shapes: after the first has

@@ -3,15 +3,17 @@
     python inference.py                                   # best/ of the newest run under out/, else TinyStories-1M
     python inference.py --model roneneldan/TinyStories-1M --prompt "Once upon a time" --temperature 0
     python inference.py --model out/tiny_lm_1M/best --max_new_tokens 200 --temperature 0.8 --top_k 50
+    python inference.py --serve [--model A --model B] [--port 8000]   # the story playground in a browser
 """
 
 import argparse
+import errno
 import sys
 import time
 
 import torch
 
-from checkpoint import load_model_and_tokenizer, newest_model, run_folder_model
+from checkpoint import finished_models, load_model_and_tokenizer, newest_model, run_folder_model
 from devices import pick_device
 from generation import DECODE_BACKENDS
 from hf_weights import resolve_pretrained
@@ -23,8 +25,8 @@ CHECKPOINT_ROOT = "out"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample stories from a TinyLM or Hugging Face GPT-Neo model.")
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: best/ of the newest "
-                   f"finished run under {CHECKPOINT_ROOT}/, else {DEFAULT_HUB_MODEL})")
+    p.add_argument("--model", action="append", default=None, help="checkpoint folder or hub id (default: best/ of "
+                   f"the newest finished run under {CHECKPOINT_ROOT}/, else {DEFAULT_HUB_MODEL}); --serve takes several")
     p.add_argument("--prompt", default="Once upon a time", help="text the story starts with")
     p.add_argument("--max_new_tokens", type=int, default=200, help="at most; lowered to fit the model's context")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -45,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=512, help="context of each scored piece with --eval_file "
                    "(train.py's data.block_size gives the same number as its validation loss)")
     p.add_argument("--batch_size", type=int, default=8, help="pieces scored at once with --eval_file")
+    p.add_argument("--serve", action="store_true", help="start the story playground, a web page on --host:--port: "
+                   f"every --model and the finished runs under {CHECKPOINT_ROOT}/")
+    p.add_argument("--host", default="127.0.0.1", help="--serve's address (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="--serve's port (0: a free one)")
+    p.add_argument("--max_streams", type=int, default=4, help="--serve: stories written at once; more are told the "
+                   "server is busy (HTTP 429)")
     return p.parse_args(argv)
 
 
@@ -134,6 +142,13 @@ def check_args(args):
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if args.native and args.compile:
         raise ValueError("--native and --compile are two backends; pass one (or --backend)")
+    if args.model and len(args.model) > 1 and not args.serve:
+        raise ValueError(f"--model is given {len(args.model)} times; only --serve offers several models, sampling "
+                         "takes one")
+    if args.serve and not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be from 0 (a free one) to 65535, got {args.port}")
+    if args.max_streams < 1:
+        raise ValueError(f"--max_streams must be >= 1, got {args.max_streams}")
 
 
 def fit_block_size(block_size: int, context: int) -> int:
@@ -144,13 +159,43 @@ def fit_block_size(block_size: int, context: int) -> int:
     return min(block_size, context)
 
 
+def serve(args, device):
+    """The story playground until Ctrl-C: every --model, then the finished runs under out/, newest first."""
+    from playground import make_server
+
+    given = [run_folder_model(m) for m in args.model or []]
+    models = list(dict.fromkeys(given + finished_models(CHECKPOINT_ROOT))) or [resolve_model(None)]
+    try:
+        server = make_server(models, device, args.host, args.port, max_streams=args.max_streams)
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise ValueError(f"--host {args.host} --port {args.port} cannot be served ({e.strerror}): pass another "
+                             "--port (0 picks a free one)") from None
+        raise
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"# warning: --host {args.host} serves every machine that can reach port {port}: anyone there can "
+              "use this playground and the models it offers", file=sys.stderr)
+    print(f"# TinyLM playground: http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/ "
+          f"({len(models)} model{'s' if len(models) > 1 else ''}: {', '.join(models[:3])}"
+          f"{', ...' if len(models) > 3 else ''}); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("# playground stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
         backend = "native" if args.native else "compile" if args.compile else args.backend
         device = pick_device(args.device)
-        name = run_folder_model(resolve_model(args.model))
+        if args.serve:
+            return serve(args, device)
+        name = run_folder_model(resolve_model(args.model[0] if args.model else None))
         model, tokenizer = load_model_and_tokenizer(name, device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

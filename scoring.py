@@ -118,8 +118,8 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
 @torch.inference_mode()
 def token_view(model, tokenizer, text: str, top: int = 5, device="cpu") -> list[dict]:
     """Each token of a text (after an end-of-text start) with its loss in nats and the model's `top` most likely
-    tokens at that point: [{"token": " cat", "loss": 2.1, "top": [[" dog", 0.31], ...]}, ...]. A text longer than
-    the model's context is cut to it."""
+    tokens at that point: [{"token": " cat", "id": 3797, "loss": 2.1, "top": [[" dog", 0.31], ...]}, ...]. A text
+    longer than the model's context is cut to it."""
     ids = ([tokenizer.eos_token_id] + tokenizer.encode(text))[:model.config.max_position_embeddings + 1]
     was_training = model.training
     model.eval()
@@ -131,5 +131,6 @@ def token_view(model, tokenizer, text: str, top: int = 5, device="cpu") -> list[
     for t, token in enumerate(ids[1:]):
         candidates = [[tokenizer.decode([i]), round(math.exp(p), 4)]
                       for p, i in zip(best.values[t].tolist(), best.indices[t].tolist())]
-        view.append({"token": tokenizer.decode([token]), "loss": -float(logp[t, token]), "top": candidates})
+        view.append({"token": tokenizer.decode([token]), "id": token, "loss": -float(logp[t, token]),
+                     "top": candidates})
     return view
