@@ -4,6 +4,10 @@
 
 Each run leaves out_dir/best and out_dir/last: Hugging Face GPT-Neo folders (config.json, model.safetensors,
 tokenizer.json) that inference.py samples from, plus train_state.pt (optimizer, step, RNG) and metrics.
+
+Read top to bottom: main (parse, check the config, lock out_dir) -> train: set_up (data, model, optimizer,
+precision, resume) -> training_loop (limit_reached, evaluate_and_save, train_step) -> finish -> summarize. A Run
+holds what the steps share. The optimizers and schedule are optimizers.py; wandb and the loss curve runlog.py.
 """
 
 import argparse

@@ -53,6 +53,21 @@ def test_decode_step_equals_full_forward(heads):
     assert_logits_close(torch.cat(pieces, dim=1), full)
 
 
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_stream_with_logits_gives_the_distribution_each_token_was_drawn_from(backend):
+    # what the playground colours tokens by: the logits before temperature and filtering, at every position
+    config, model, idx, _ = cache_test_model(dict(local_heads=[2, 0, 4, 1]), 4)
+    prompt = idx[:1].cpu() if backend == "auto" else idx[:1]
+    got = list(model.generate_stream(prompt, 20, temperature=0.7, top_k=10, output_logits=True, backend=backend,
+                                     generator=torch.Generator(prompt.device).manual_seed(0)))
+    tokens = torch.cat([t for t, _ in got], dim=1)
+    assert torch.equal(tokens, model.generate(prompt, 20, temperature=0.7, top_k=10, backend=backend,
+                                              generator=torch.Generator(prompt.device).manual_seed(0))[:, 4:])
+    with torch.no_grad():
+        full = model(torch.cat([prompt, tokens], dim=1))[0][:, 3:-1]  # (1, 20, vocab): the logits before each token
+    assert_logits_close(torch.stack([logits for _, logits in got], dim=1), full)
+
+
 def test_compiled_generation_gives_the_same_tokens():
     config = GPTNeoConfig(vocab_size=101, max_position_embeddings=64, n_layer=3, n_head=4, n_embd=32,
                           window_size=6, local_heads=[2, 4, 0])
