@@ -52,5 +52,5 @@ def pick_dtype(name: str, device: torch.device) -> tuple[str, str]:
         return "bfloat16", "this GPU supports bf16"
     if device.type == "cpu" and cpu_has_bf16_matrix_units():
         return "bfloat16", "this CPU has bf16 matrix units (AMX)"
-    return "float32", {"cpu": "this CPU has no bf16 matrix units (AMX)", "mps": "on MPS bf16 is not faster",
+    return "float32", {"cpu": "this CPU has no bf16 matrix units (AMX)", "mps": "mixed precision is untried on MPS",
                        "cuda": "this GPU has no bf16 support"}[device.type]
