@@ -39,10 +39,11 @@ def test_every_shipped_config_builds_a_model():
 
 
 def test_resizing_a_shipped_config_is_editing_n_layer(tmp_path):
-    # a copy of quickstart.config with n_layer = 3: its attention_types = global,local is a pattern, cut at 3
-    text = open(os.path.join(ROOT, "config", "quickstart.config")).read().replace("n_layer = 2", "n_layer = 3")
-    m = load_config(write(tmp_path, text))["model"]
-    assert m.attention_types == ("global", "local", "global") and m.local_heads == (0, 8, 0)
+    # a copy of quickstart.config with n_layer = 5: its attention_types = global,local is a pattern, cut at 5
+    text = open(os.path.join(ROOT, "config", "quickstart.config")).read()
+    assert "\nn_layer = 3\n" in text
+    m = load_config(write(tmp_path, text.replace("\nn_layer = 3\n", "\nn_layer = 5\n")))["model"]
+    assert m.attention_types == ("global", "local", "global", "local", "global") and m.local_heads == (0, 8, 0, 8, 0)
     m = load_config(os.path.join(ROOT, "config", "tinystories_1M.config"), ["model.n_layer=5"])["model"]
     assert m.attention_types == ("global", "local", "global", "local", "global")
 
