@@ -220,7 +220,7 @@ def newest_model(root: str) -> tuple[str | None, str]:
     folders = model_folders(root)
     if not folders:
         return None, ""
-    newest = lambda fs: max(fs, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")))
+    newest = lambda fs: max(fs, key=saved_at)
     best = [f for f in folders if os.path.basename(f) == "best"]
     ended = [f for f in best if run_has_ended(os.path.dirname(f))]
     if ended:
@@ -239,7 +239,12 @@ def model_folders(root: str) -> list[str]:
 def finished_models(root: str) -> list[str]:
     """best/ of every run under root that has ended, newest first: the models `inference.py --serve` offers."""
     ended = [f for f in model_folders(root) if os.path.basename(f) == "best" and run_has_ended(os.path.dirname(f))]
-    return sorted(ended, key=lambda f: os.path.getmtime(os.path.join(f, "config.json")), reverse=True)
+    return sorted(ended, key=saved_at, reverse=True)
+
+
+def saved_at(folder: str) -> float:
+    """When a model folder was written: its config.json's modification time."""
+    return os.path.getmtime(os.path.join(folder, "config.json"))
 
 
 def resumable_checkpoint(folder: str) -> str | None:

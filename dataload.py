@@ -83,6 +83,13 @@ def load_tokenizer(name_or_path: str | None = None):
                          "copy it again from where the model came from") from None
 
 
+def streamed_text(tokenizer, ids, shown: str) -> str:
+    """The text of ids so far, for a stream that has shown `shown`: `shown` itself while the last token ends inside
+    a multi-byte character, so a stream writes text[len(shown):] and never half a character."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return shown if text.endswith("\ufffd") else text
+
+
 def count_tokens(tokenizer, stories, workers: int = 1) -> np.ndarray:
     """How often each token id occurs when `stories` are encoded (end-of-text once per story)."""
     counts = np.zeros(len(tokenizer), dtype=np.int64)

@@ -14,6 +14,7 @@ import time
 import torch
 
 from checkpoint import finished_models, load_model_and_tokenizer, newest_model, run_folder_model
+from dataload import streamed_text
 from devices import pick_device
 from generation import DECODE_BACKENDS
 from hf_weights import resolve_pretrained
@@ -90,8 +91,8 @@ def stream_story(model, tokenizer, idx, args, out=sys.stdout, step=None, backend
                                        eos_token_id=tokenizer.eos_token_id, step=step, backend=backend):
         arrived.append(time.perf_counter())
         ids.append(token.item())
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not args.no_stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if not args.no_stream:
+            text = streamed_text(tokenizer, ids, printed)
             out.write(text[len(printed):])
             out.flush()
             printed = text

@@ -32,6 +32,7 @@ import time
 import torch
 
 from checkpoint import load_model_and_tokenizer
+from dataload import streamed_text
 from scoring import token_view
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
@@ -154,9 +155,8 @@ def story_events(playground: Playground, request: dict):
         probs = logits[0].float().softmax(-1)  # what the model gave each token, before temperature and filters
         best = probs.topk(TOP)
         ids = ids + [token]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        delta = "" if text.endswith("\ufffd") else text[len(shown):]  # the rest of a character comes later
-        shown = shown if text.endswith("\ufffd") else text
+        text = streamed_text(tokenizer, ids, shown)
+        delta, shown = text[len(shown):], text
         yield {"id": token, "text": delta, "p": round(probs[token].item(), 5), "eos": token == tokenizer.eos_token_id,
                "top": [[tokenizer.decode([i]), round(p, 5), i] for p, i in zip(best.values.tolist(),
                                                                                 best.indices.tolist())]}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dataload import (EOT, count_tokens, get_batch, iter_eval_batches, load_tokenizer, prepare_data, read_stories,
-                      tokenizer_from_file, trim_tokenizer)
+                      streamed_text, tokenizer_from_file, trim_tokenizer)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ODD_TEXTS = ["Lily saw a 🐶 — “naïve” café!\n\n  Tom said: <3 \x00", "Zyzzyvas quokkas ŋ 日本語のテキスト 🤖🫠",
@@ -290,3 +290,14 @@ def test_a_large_corpus_counts_tokens_in_an_even_spread(tmp_path, full, monkeypa
     assert tok.get_vocab() == trim_tokenizer(full, count_tokens(full, sampled), 600).get_vocab()
     again, _, _ = prepare_data(str(tmp_path / "s.txt"), 600, str(tmp_path / "out"), val_fraction=0.5, log=said.append)
     assert "reusing" in said[-3] and again.get_vocab() == tok.get_vocab()
+
+
+def test_a_stream_never_shows_half_a_character():
+    # 🦒 is three byte-level tokens: until its last one arrives the stream shows the text before it
+    tokenizer = load_tokenizer()
+    ids, shown, seen = tokenizer.encode("Tom saw a 🦒 and ran."), "", []
+    for n in range(1, len(ids) + 1):
+        shown = streamed_text(tokenizer, ids[:n], shown)
+        seen.append(shown)
+    assert all("\ufffd" not in text for text in seen) and shown == "Tom saw a 🦒 and ran."
+    assert len(set(seen)) < len(seen)  # some tokens added no text of their own: they held back a partial character
