@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from dataload import load_tokenizer
 from hf_weights import resolve_pretrained
 from model import GPTNeo
 from storage import outermost_new_folder, parents, read_json, storage_failure, write_json
+from tokenizer import load_tokenizer
 
 try:
     import fcntl
@@ -117,7 +117,7 @@ def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, con
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        tokenizer.save_pretrained(tmp)  # tokenizer.json, and tokenizer_config.json for AutoTokenizer
         write_json(os.path.join(tmp, "training_config.json"), config_as_dict(config))
         if resumable:
             torch.save({"optimizer": opt.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},

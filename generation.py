@@ -70,7 +70,7 @@ def decode_attention(attn, x, pos, slot, masks, kv_cache: KVCache):
     nh, nl = attn.n_head, attn.n_local
     qkv = matvec(x, attn.qkv_weight()).view(B, 3, nh, 1, C // nh).transpose(0, 1)  # (3, B, nh, 1, hd)
     q, kv = qkv[0], qkv[1:]
-    dropout = attn.dropout if attn.training else 0.0
+    dropout = attn.attention_dropout if attn.training else 0.0
     parts = []
     if nl:
         ring = kv_cache.local_kv[attn.layer]
@@ -153,7 +153,8 @@ class GenerationMixin:
         if backend != "auto":
             return backend
         weight = self.wte.weight
-        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or (self.training and self.config.dropout)
+        dropout = self.config.dropout or self.config.attention_dropout
+        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or (self.training and dropout)
                 or batch_size * self.config.n_embd > NATIVE_MAX_ROWS_X_WIDTH):
             return "eager"
         try:

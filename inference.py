@@ -14,11 +14,11 @@ import time
 import torch
 
 from checkpoint import finished_models, load_model_and_tokenizer, newest_model, run_folder_model
-from dataload import streamed_text
 from devices import pick_device
 from generation import DECODE_BACKENDS
 from hf_weights import resolve_pretrained
 from scoring import evaluate_file
+from tokenizer import streamed_text
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"

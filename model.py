@@ -38,7 +38,10 @@ class GPTNeoConfig:
     local_heads: int | list | tuple | None = None
     intermediate_size: int | None = None  # MLP inner width; None means 4 * n_embd
     layer_norm_epsilon: float = 1e-5
-    dropout: float = 0.0  # embedding, attention and residual dropout (GPT-Neo's three, tied together)
+    dropout: float = 0.0  # embedding and residual dropout (GPT-Neo's embed_dropout and resid_dropout)
+    # dropout on the attention probabilities; None: the same as dropout. On a CPU any value above 0 takes
+    # PyTorch's math attention, about twice the step time, where dropout alone costs about 15%.
+    attention_dropout: float | None = None
     bos_token_id: int = 50256  # <|endoftext|> in GPT-Neo's vocabulary
     eos_token_id: int = 50256
 
@@ -53,8 +56,11 @@ class GPTNeoConfig:
             fail(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.intermediate_size is not None and self.intermediate_size < 1:
             fail(f"intermediate_size must be positive or None, got {self.intermediate_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            fail(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_dropout is None:
+            self.attention_dropout = self.dropout
+        for name in ("dropout", "attention_dropout"):
+            if not isinstance(getattr(self, name), (int, float)) or not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
 
         types = self._expand("attention_types", self.attention_types)
         heads = self._expand("local_heads", self.local_heads)
@@ -116,7 +122,7 @@ class GPTNeoConfig:
             "activation_function": "gelu_new",
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "embed_dropout": self.dropout,
-            "attention_dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
             "resid_dropout": self.dropout,
             "initializer_range": 0.02,
             "bos_token_id": self.bos_token_id,
@@ -138,13 +144,14 @@ class GPTNeoConfig:
         types = d.get("attention_layers")
         if types is None and d.get("attention_types") is not None:
             types = [t for pattern, repeat in d["attention_types"] for _ in range(repeat) for t in pattern]
-        dropouts = {float(d.get(k, 0.0) or 0.0) for k in ("embed_dropout", "attention_dropout", "resid_dropout")}
+        dropout = max(float(d.get(k, 0.0) or 0.0) for k in ("embed_dropout", "resid_dropout"))
         return cls(
             vocab_size=d["vocab_size"], max_position_embeddings=d["max_position_embeddings"],
             n_layer=d["num_layers"], n_head=d["num_heads"], n_embd=d["hidden_size"],
             window_size=d.get("window_size", 256), attention_types=types if "local_heads" not in d else None,
             local_heads=d.get("local_heads"), intermediate_size=d.get("intermediate_size"),
-            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5), dropout=max(dropouts),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5), dropout=dropout,
+            attention_dropout=float(d.get("attention_dropout", 0.0) or 0.0),
             bos_token_id=d.get("bos_token_id", 50256), eos_token_id=d.get("eos_token_id", 50256),
         )
 
@@ -160,7 +167,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
-        self.dropout = config.dropout
+        self.attention_dropout = config.attention_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, masks, kv_cache: KVCache | None = None):
@@ -194,7 +201,7 @@ class SelfAttention(nn.Module):
             with torch.autocast("cpu", enabled=False):
                 return self._attend(q.float(), k.float(), v.float(), start, masks, local)
         T, S = q.size(2), k.size(2)
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.attention_dropout if self.training else 0.0
         if T == 1:  # decoding: the cache handed over exactly the keys this query may see
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
         key_start, end = start + T - S, start + T

@@ -32,8 +32,8 @@ import time
 import torch
 
 from checkpoint import load_model_and_tokenizer
-from dataload import streamed_text
 from scoring import token_view
+from tokenizer import streamed_text
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
 MAX_BODY_BYTES = 1 << 20

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from checkpoint import (StorageError, check_run_folder, clear_run, command, load_checkpoint, recover,
                         resumable_checkpoint, run_folder_lock, save_checkpoint)
 from config import TrainConfig, load_config
-from dataload import FULL_VOCAB, get_batch, load_tokenizer, prepare_data
+from dataload import get_batch, prepare_data
+from tokenizer import FULL_VOCAB, load_tokenizer
 from devices import pick_device, pick_dtype
 from model import GPTNeo
 from optimizers import Optimizers, budget_progress, get_lr, make_optimizer

@@ -59,7 +59,8 @@ def test_types_overrides_and_both_head_forms(tmp_path):
                            "local_heads = 0,4,2,1\nintermediate_size = none\ndropout = 0.1\n")
     m = load_config(path)["model"]
     assert m.local_heads == (0, 4, 2, 1) and m.attention_types == ("global", "local", "mixed", "mixed")
-    assert m.intermediate_size is None and m.dropout == 0.1
+    assert m.intermediate_size is None and m.dropout == 0.1 and m.attention_dropout == 0.1
+    assert load_config(path, ["model.attention_dropout=0"])["model"].attention_dropout == 0.0
     m = load_config(path, ["model.local_heads=2", "model.n_layer=2"])["model"]
     assert m.local_heads == (2, 2) and m.n_layer == 2
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataload import (EOT, count_tokens, get_batch, iter_eval_batches, load_tokenizer, prepare_data, read_stories,
-                      streamed_text, tokenizer_from_file, trim_tokenizer)
+from dataload import (EOT, count_tokens, get_batch, iter_eval_batches, prepare_data, read_stories,
+                      trim_tokenizer)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ODD_TEXTS = ["Lily saw a 🐶 — “naïve” café!\n\n  Tom said: <3 \x00", "Zyzzyvas quokkas ŋ 日本語のテキスト 🤖🫠",
@@ -29,59 +29,6 @@ def make_stories(n: int, seed: int = 0) -> list[str]:
 def write_txt(path, stories):
     path.write_text("".join(f"{s}\n{EOT}\n" for s in stories), encoding="utf-8")
     return str(path)
-
-
-def test_gpt_neo_tokenizer_is_complete_and_lossless(tmp_path, full):
-    assert len(full) == 50257  # transformers 5 silently builds an empty tokenizer from vocab_file=/merges_file=
-    assert full.eos_token_id == 50256
-    assert full.encode("Once upon a time") == [7454, 2402, 257, 640]  # GPT-2/GPT-Neo ids
-    for text in ODD_TEXTS:
-        assert full.decode(full.encode(text)) == text
-    full.save_pretrained(str(tmp_path))
-    again = load_tokenizer(str(tmp_path))
-    assert len(again) == 50257 and again.encode(ODD_TEXTS[0]) == full.encode(ODD_TEXTS[0])
-    (tmp_path / "no-tokenizer-here").mkdir()  # a Hugging Face folder without tokenizer files: GPT-Neo's applies
-    assert len(load_tokenizer(str(tmp_path / "no-tokenizer-here"))) == 50257
-    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut off mid-write
-    with pytest.raises(ValueError, match=rf"could not read {tmp_path / 'tokenizer.json'} .*damaged"):
-        load_tokenizer(str(tmp_path))
-
-
-def test_trimmed_tokenizer_is_lossless_compact_and_reloadable(tmp_path, full, trimmed):
-    tok, stories = trimmed
-    assert len(tok) == 1000 and sorted(tok.get_vocab().values()) == list(range(1000))
-    assert tok.eos_token_id == 999 and tok.convert_ids_to_tokens(999) == EOT
-    rng = random.Random(1)
-    random_unicode = "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(400))
-    for text in ODD_TEXTS + stories[:20] + [random_unicode, f"a{EOT}b"]:
-        ids = tok.encode(text)
-        assert max(ids) < 1000 and tok.decode(ids) == text
-    # frequent words stay whole; a word the corpus never used splits into kept pieces instead of an unknown token
-    assert tok.tokenize(" Lily") == ["ĠLily"]
-    assert len(tok.encode(" Zyzzyvas")) > len(full.encode(" Zyzzyvas"))
-    path = str(tmp_path / "tokenizer.json")
-    tok.backend_tokenizer.save(path)
-    reloaded = tokenizer_from_file(path)
-    from transformers import PreTrainedTokenizerFast
-    plain = PreTrainedTokenizerFast(tokenizer_file=path)  # what a user of transformers would do
-    for text in ODD_TEXTS + stories[:5]:
-        assert reloaded.encode(text) == tok.encode(text) == plain.encode(text)
-
-
-def test_trimming_keeps_the_most_frequent_tokens_and_fills_small_corpora_in_merge_order(full):
-    stories = make_stories(50)
-    counts = count_tokens(full, stories)
-    used = int((counts > 0).sum())
-    big = trim_tokenizer(full, counts, 2000)  # far more than the corpus uses: filled up, deterministic
-    assert len(big) == 2000 and big.get_vocab() == trim_tokenizer(full, counts, 2000).get_vocab()
-    vocab = big.get_vocab()
-    assert all(full.convert_ids_to_tokens(int(i)) in vocab for i in np.flatnonzero(counts))  # every used token kept
-    assert used < 2000 and "Ġthe" in vocab  # fill comes from GPT-Neo's earliest merges
-    small = trim_tokenizer(full, counts, 300)
-    top = full.convert_ids_to_tokens(int(np.argmax(counts)))
-    assert top in small.get_vocab()
-    with pytest.raises(ValueError, match="vocab_size"):
-        trim_tokenizer(full, counts, 256)
 
 
 def test_prepare_data_caches_reuse_and_rebuild(tmp_path):
@@ -191,14 +138,6 @@ def test_batches_are_deterministic_and_eval_covers_the_split_once():
     assert (yb != -100).sum() == 100
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not present")
-def test_real_tinystories_sample_round_trips(full):
-    stories = list(read_stories([os.path.join(SHARED, "tinystories_sample.txt")]))
-    tok = trim_tokenizer(full, count_tokens(full, [s.strip() for s in stories if s.strip()]), 4000)
-    for story in stories:
-        assert tok.decode(tok.encode(story)) == story
-
-
 def test_a_small_corpus_still_holds_out_a_story(tmp_path):
     # 17 stories at the default val_fraction 0.01 would give no validation story: the last one is held out
     write_txt(tmp_path / "s.txt", make_stories(17))
@@ -290,14 +229,3 @@ def test_a_large_corpus_counts_tokens_in_an_even_spread(tmp_path, full, monkeypa
     assert tok.get_vocab() == trim_tokenizer(full, count_tokens(full, sampled), 600).get_vocab()
     again, _, _ = prepare_data(str(tmp_path / "s.txt"), 600, str(tmp_path / "out"), val_fraction=0.5, log=said.append)
     assert "reusing" in said[-3] and again.get_vocab() == tok.get_vocab()
-
-
-def test_a_stream_never_shows_half_a_character():
-    # 🦒 is three byte-level tokens: until its last one arrives the stream shows the text before it
-    tokenizer = load_tokenizer()
-    ids, shown, seen = tokenizer.encode("Tom saw a 🦒 and ran."), "", []
-    for n in range(1, len(ids) + 1):
-        shown = streamed_text(tokenizer, ids[:n], shown)
-        seen.append(shown)
-    assert all("\ufffd" not in text for text in seen) and shown == "Tom saw a 🦒 and ran."
-    assert len(set(seen)) < len(seen)  # some tokens added no text of their own: they held back a partial character

@@ -253,10 +253,36 @@ def test_mixed_heads_match_explicit_masked_reference(T):
     (dict(attention_types="global,local", local_heads=3), "disagrees"),
     (dict(attention_types="mixed"), "needs local_heads"),
     (dict(dropout=1.0), "dropout"),
+    (dict(attention_dropout=-0.1), "attention_dropout"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPTNeoConfig(**kwargs)
+
+
+def test_attention_dropout_is_its_own_setting_and_survives_transformers_files(tmp_path):
+    # on a CPU attention dropout takes PyTorch's math attention (about twice the step time), so a recipe may use
+    # residual and embedding dropout alone; by default the three are tied, as before
+    assert GPTNeoConfig(dropout=0.1).attention_dropout == 0.1
+    model = GPTNeo(GPTNeoConfig(vocab_size=50, max_position_embeddings=16, n_layer=2, n_head=2, n_embd=8,
+                                dropout=0.1, attention_dropout=0.0))
+    assert model.h[0].attn.attention_dropout == 0.0 and model.h[0].attn.resid_dropout.p == 0.1
+    model.save_pretrained(str(tmp_path))
+    hf = GPTNeoForCausalLM.from_pretrained(str(tmp_path))
+    assert (hf.config.attention_dropout, hf.config.resid_dropout, hf.config.embed_dropout) == (0.0, 0.1, 0.1)
+    again = GPTNeo.from_pretrained(str(tmp_path)).config
+    assert (again.dropout, again.attention_dropout) == (0.1, 0.0)
+    model.train()  # training mode with attention dropout 0: attention is deterministic, only the residuals drop
+    idx = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.config.dropout = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], model(idx)[0])
 
 
 def test_a_pattern_is_repeated_and_cut_at_n_layer(tmp_path):

@@ -65,6 +65,8 @@ def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path, c
     assert (tmp_path / "out" / "last" / "train_state.pt").exists()
     hf = GPTNeoForCausalLM.from_pretrained(str(tmp_path / "out" / "best"))  # a plain GPT-Neo folder
     assert hf.config.vocab_size == 400
+    from transformers import AutoTokenizer  # and its tokenizer knows the end-of-text token generate stops at
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out" / "best")).eos_token_id == 399
     assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
