@@ -42,9 +42,29 @@ static void layer_norm(float *out, const float *x, const float *w, const float *
     for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
+// out[0..3] = the four rows of w (4, n) dotted with x: x is loaded once for four rows, and the four sums
+// share one horizontal reduction's latency (a row at a time, a 64-wide layer spends more on reducing than on
+// multiplying)
+static void dot4(float *out, const float *w, const float *x, int n) {
+    const float *w0 = w, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    #pragma omp simd reduction(+:a0, a1, a2, a3)
+    for (int i = 0; i < n; i++) {
+        a0 += w0[i] * x[i];
+        a1 += w1[i] * x[i];
+        a2 += w2[i] * x[i];
+        a3 += w3[i] * x[i];
+    }
+    out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
 // out = w @ x (+ bias) for w (rows, n)
 static void matvec(float *out, const float *w, const float *x, const float *bias, int rows, int n) {
-    for (int r = 0; r < rows; r++) out[r] = dot(w + (size_t)r * n, x, n) + (bias ? bias[r] : 0.f);
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) dot4(out + r, w + (size_t)r * n, x, n);
+    for (; r < rows; r++) out[r] = dot(w + (size_t)r * n, x, n);
+    if (bias)
+        for (r = 0; r < rows; r++) out[r] += bias[r];
 }
 
 // Softmax attention of q (hd) over the first n positions of kt, vt (hd, S) into out (hd). GPT-Neo does not
@@ -73,26 +93,14 @@ static float gelu_new(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-// logits (B, V) = hidden (B, C) @ wte.T: the step's largest cost (it reads all of wte), split over all cores,
-// four rows at a time so each vector of hidden is loaded once for four rows of wte.
+// logits (B, V) = hidden (B, C) @ wte.T: the step's largest cost (it reads all of wte), split over all cores.
 static void lm_head(const Model *m, const float *hidden, float *logits) {
     int C = m->n_embd, V = m->vocab_size;
     for (int b = 0; b < m->batch_size; b++) {
         const float *h = hidden + (size_t)b * C;
         float *out = logits + (size_t)b * V;
         #pragma omp parallel for schedule(static)
-        for (int r = 0; r < V - 3; r += 4) {
-            const float *w0 = m->wte + (size_t)r * C, *w1 = w0 + C, *w2 = w1 + C, *w3 = w2 + C;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            #pragma omp simd reduction(+:a0, a1, a2, a3)
-            for (int i = 0; i < C; i++) {
-                a0 += w0[i] * h[i];
-                a1 += w1[i] * h[i];
-                a2 += w2[i] * h[i];
-                a3 += w3[i] * h[i];
-            }
-            out[r] = a0, out[r + 1] = a1, out[r + 2] = a2, out[r + 3] = a3;
-        }
+        for (int r = 0; r < V - 3; r += 4) dot4(out + r, m->wte + (size_t)r * C, h, C);
         for (int r = V - V % 4; r < V; r++) out[r] = dot(m->wte + (size_t)r * C, h, C);
     }
 }

@@ -16,10 +16,12 @@ API (JSON in, JSON or server-sent events out; any mistake is HTTP 400 with {"err
     GET  /api/status       {"active": streams now, "recent": the last streams: model, tokens, how each ended}
     POST /api/generate     {model, prompt | ids, temperature, top_k, top_p, max_new_tokens, seed} -> events:
                            {"model", "seed", "prompt", "ids"}, then per token {"id", "text", "p", "top": [[text, p,
-                           id], ...]}, then {"done", "tokens", "seconds"}; 429 while max_streams are being written
+                           id], ...]}, then {"done", "tokens", "seconds"}, or {"error"} if the server fails mid-story; 429 while
+                           max_streams are being written
     POST /api/score        {model, text} -> {"tokens": [{"token", "id", "loss", "top"}], "loss", "bits_per_byte"}
 """
 
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -233,13 +235,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Server-sent events, one per token, until the story ends or the client leaves (a failed write)."""
         playground = self.server.playground
         playground.start_stream()
-        events, tokens, ended = story_events(playground, request), 0, "finished"
+        events, tokens, ended, started = story_events(playground, request), 0, "finished", False
         try:
             first = next(events)  # a mistake in the request is still a 400 here
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
+            started = True
             self.send_event(first)
             for event in events:
                 tokens += "id" in event
@@ -249,6 +252,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except RequestError:
             ended = None  # refused before it started: not a story
             raise
+        except Exception as e:
+            ended = "failed"
+            if not started:
+                raise  # do_POST answers 500
+            # the 200 and some tokens are out: the failure is the stream's last event, which the page shows
+            self.log_error("%s", f"{type(e).__name__}: {e}")
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.send_event({"error": f"the server failed mid-story: {type(e).__name__}: {e}"})
         except BaseException:
             ended = "failed"
             raise

@@ -132,3 +132,15 @@ def test_sampling_is_seedable_and_filters_match_transformers():
     assert torch.equal(filter_logits(logits, 0.7, 20, None).isinf(), TopKLogitsWarper(20)(None, logits.clone()).isinf())
     samples = sample_next_token(logits[:1].expand(2000, -1), 1.0, 5, None, torch.Generator().manual_seed(9))
     assert set(samples.flatten().tolist()) <= set(logits[0].topk(5).indices.tolist())
+
+
+def test_greedy_takes_the_first_of_tied_maxima_as_argmax_does():
+    # greedy picks by max's index (faster on CPU than argmax): the same token as transformers' argmax, ties included
+    logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(3))
+    for row in range(64):
+        tied = torch.randperm(50257, generator=torch.Generator().manual_seed(row))[:1 + row % 4]
+        logits[row, tied] = 9.0 + row % 2 * float("inf")  # finite ties, and ties of +inf
+    logits[5, 17] = float("nan")  # argmax takes a NaN as the maximum
+    greedy = sample_next_token(logits, temperature=0)
+    assert greedy.shape == (64, 1) and torch.equal(greedy[:, 0], logits.argmax(dim=-1))
+    assert greedy[5].item() == 17

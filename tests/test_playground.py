@@ -141,6 +141,30 @@ def test_past_the_limit_the_server_is_busy_and_a_client_that_leaves_stops_its_st
     assert request(running, "POST", "/api/generate", {"max_new_tokens": 2})[0] == 200  # the slot is free again
 
 
+def test_a_failure_mid_story_is_the_last_event_not_a_second_response(server, monkeypatch):
+    running, _ = server
+    per_token_step = GenerationMixin.per_token_step
+
+    def failing(self, backend, device):
+        step, calls = per_token_step(self, backend, device), []
+
+        def fail_at_the_third(*a):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("out of memory")
+            return step(*a)
+        return fail_at_the_third
+    monkeypatch.setattr(GenerationMixin, "per_token_step", failing)
+    status, text = request(running, "POST", "/api/generate", {"max_new_tokens": 10, "seed": 0})
+    events = events_of(text)  # before the fix, an HTTP 500 response was written into the event stream
+    assert status == 200 and "HTTP/" not in text
+    assert [("id" in e, "error" in e) for e in events[1:]] == [(True, False)] * 3 + [(False, True)]
+    assert events[-1]["error"] == "the server failed mid-story: RuntimeError: out of memory"
+    assert request(running, "GET", "/api/status")[1]["recent"][-1]["ended"] == "failed"
+    monkeypatch.undo()
+    assert request(running, "POST", "/api/generate", {"max_new_tokens": 2})[0] == 200  # the slot is free again
+
+
 def test_score_colours_each_token_by_its_loss_and_gives_bits_per_byte(server):
     running, folder = server
     text = "Once upon a time there was a little cat. The cat liked milk."
