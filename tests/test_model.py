@@ -10,7 +10,7 @@ from transformers import GPTNeoForCausalLM
 
 from conftest import DEVICE, FP32_TOLERANCE
 from hf_weights import hf_to_tinylm_state_dict
-from model import GPTNeo, GPTNeoConfig, lm_head_cross_entropy
+from model import GPTNeo, GPTNeoConfig, _LMHeadCrossEntropy, lm_head_cross_entropy
 
 # TinyStories-1M as released, and an odd small shape: 3 heads of 8, MLP 40 wide, window 7.
 SHAPES = {
@@ -161,15 +161,19 @@ def test_mixed_precision_lm_head_multiplies_in_bf16_and_takes_the_softmax_in_fp3
     w = torch.randn(50, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (40,), generator=g)
     targets[:3] = -100
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = lm_head_cross_entropy(h, w, targets, rows=16, vocab_block=32)
     exact = F.cross_entropy(h @ w.t(), targets)
-    assert loss.dtype == torch.float32 and loss.item() != exact.item()
+    exact_grads = torch.autograd.grad(exact, (h, w))
+    for recompute in (False, True):  # blocks kept for the gradient pass, or recomputed (large vocabularies)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _LMHeadCrossEntropy.apply(h, w, targets, 16, 32, torch.bfloat16, recompute)
+        assert loss.dtype == torch.float32 and loss.item() != exact.item()
+        torch.testing.assert_close(loss, exact, rtol=4e-3, atol=0)
+        for got, want in zip(torch.autograd.grad(loss, (h, w)), exact_grads):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what training calls picks the same bf16 products
+        loss = lm_head_cross_entropy(h, w, targets, rows=16, vocab_block=32)
     torch.testing.assert_close(loss, exact, rtol=4e-3, atol=0)
-    grads, exact_grads = torch.autograd.grad(loss, (h, w)), torch.autograd.grad(exact, (h, w))
-    for got, want in zip(grads, exact_grads):
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
 
 
 def test_loss_without_grad_equals_cross_entropy_of_logits():
@@ -193,11 +197,13 @@ def test_blocked_lm_head_cross_entropy_equals_cross_entropy(rows, vocab_block):
     targets[[0, 6, 7, 22]] = -100
     ref = F.cross_entropy(h @ w.t(), targets, ignore_index=-100)
     ref_grads = torch.autograd.grad(ref, (h, w))
-    loss = lm_head_cross_entropy(h, w, targets, rows, vocab_block)
-    grads = torch.autograd.grad(loss, (h, w))
-    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for recompute in (False, True):  # blocks kept for the gradient pass, or recomputed (large vocabularies)
+        loss = _LMHeadCrossEntropy.apply(h, w, targets, rows, vocab_block, None, recompute)
+        grads = torch.autograd.grad(loss, (h, w))
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lm_head_cross_entropy(h, w, targets, rows, vocab_block), ref, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(lm_head_cross_entropy(h, w, targets, rows, vocab_block), ref, rtol=1e-12, atol=1e-12)
 
