@@ -24,8 +24,8 @@ from corpus import (EOT, HUB_DATASET, TINYSTORIES_V2, note_single_story, read_st
                     resolve_files, split_sources)
 from pieces import encode_batches, ids_dtype
 from storage import atomic_write, outermost_new_folder, storage_failure, write_json
-from tokenizer import (FULL_VOCAB, Tokenizer, gpt_neo_tokenizer, load_tokenizer,  # noqa: F401 (re-exported)
-                       streamed_text, tokenizer_from_file, trim_tokenizer)
+from tokenizer import FULL_VOCAB, gpt_neo_tokenizer, tokenizer_from_file, trim_tokenizer
+from tokenizer import load_tokenizer  # noqa: F401 (re-exported: `from dataload import load_tokenizer` still works)
 CACHE_SETTING = "data.cache_dir (dataload.py --out)"  # what chooses the folder, named in storage errors
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core

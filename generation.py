@@ -153,8 +153,7 @@ class GenerationMixin:
         if backend != "auto":
             return backend
         weight = self.wte.weight
-        dropout = self.config.dropout or self.config.attention_dropout
-        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or (self.training and dropout)
+        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or (self.training and self.config.has_dropout)
                 or batch_size * self.config.n_embd > NATIVE_MAX_ROWS_X_WIDTH):
             return "eager"
         try:

@@ -96,6 +96,11 @@ class GPTNeoConfig:
         return (list(value) * -(-self.n_layer // len(value)))[:self.n_layer]
 
     @property
+    def has_dropout(self) -> bool:
+        """True when training drops anything (embeddings, residuals or attention): the native step cannot."""
+        return self.dropout > 0 or self.attention_dropout > 0
+
+    @property
     def gpt_neo_compatible(self) -> bool:
         """True when every layer is all-local or all-global, so transformers' GPT-Neo can run it."""
         return "mixed" not in self.attention_types
@@ -334,9 +339,10 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
     # under autocast (mixed-precision training) the matmuls run in its dtype; softmax and the loss stay fp32
     autocast = training and torch.is_autocast_enabled(h.device.type)
     matmul_dtype = torch.get_autocast_dtype(h.device.type) if autocast else None
+    low = matmul_dtype is not None and matmul_dtype.itemsize < 4  # bf16 (or fp16) products
     # On CPU, blocks of 2^20 logits (4 MB in fp32). bf16 matmuls 256 wide or more run the LM head 14% faster
     # with 1024 rows x 1024 entries than with 512 x 2048 (TinyStories-8M; no difference at widths 64-192).
-    wide_low = matmul_dtype is not None and matmul_dtype.itemsize < 4 and h.size(1) >= 256
+    wide_low = low and h.size(1) >= 256
     rows = rows or ((1024 if wide_low else 512) if cpu else max(1, 2 ** 26 // weight.size(0)))
     vocab_block = vocab_block or ((1024 if wide_low else 2048) if cpu else weight.size(0))
     if training:
@@ -346,7 +352,7 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
         # tokens: 1.09-1.18x at vocab 50257 width 64 (fp32 and bf16), 1.06-1.12x at width 256 in bf16; 0.88x at
         # width 256 in fp32 and 0.71-0.82x at vocab 4000 (the recipes), which keep their blocks.
         large = rows * weight.size(0) * 4 > 64 << 20
-        recompute = cpu and large and (matmul_dtype is not None and matmul_dtype.itemsize < 4 or h.size(1) <= 128)
+        recompute = cpu and large and (low or h.size(1) <= 128)
         return _LMHeadCrossEntropy.apply(h, weight, targets, rows, vocab_block, matmul_dtype, recompute)
     valid = targets != -100
     total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=h.device)

