@@ -3,6 +3,7 @@
 // this file on first use and calls tinylm_decode_step through ctypes.
 #include <math.h>
 #include <stddef.h>
+#include <string.h>
 
 #ifdef TINYLM_MVEC
 // glibc's vector math (libmvec) has SIMD versions of expf and tanhf; declaring them lets the compiler
@@ -24,6 +25,9 @@ typedef struct {
     // global (2, B, n_head - nl, hd, max_len) and local ring (2, B, nl, hd, min(window_size, max_len)), or NULL
     float **global_kv, **local_kv;
     float *scratch;  // (7 * n_embd + n_inner + max_len + batch_size * n_embd) floats
+    // For greedy decoding (else NULL): wte rounded to bf16 in tiles (see lm_head_candidates), its rows' L2 norms (vocab_size)
+    const unsigned short *wte_bf16;
+    const float *wte_norms;
 } Model;
 
 static float dot(const float *a, const float *b, int n) {
@@ -105,6 +109,83 @@ static void lm_head(const Model *m, const float *hidden, float *logits) {
     }
 }
 
+#define TILE_ROWS 64
+
+static float bf16_to_float(unsigned short x) {
+    unsigned int bits = (unsigned int)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// out (64) = the 64 rows of a (n, 64) tile of bf16 weights (rows along columns) dotted with x, in fp32:
+// with rows across lanes, the sums need no horizontal reduction, which is what a row at a time costs most
+static void tile_dot_bf16(float *out, const unsigned short *tile, const float *x, int n) {
+    float acc[TILE_ROWS] = {0.f};
+    for (int i = 0; i < n; i++) {
+        const unsigned short *w = tile + (size_t)i * TILE_ROWS;
+        float xi = x[i];
+        #pragma omp simd
+        for (int l = 0; l < TILE_ROWS; l++) acc[l] += xi * bf16_to_float(w[l]);
+    }
+    memcpy(out, acc, sizeof acc);
+}
+
+// out[lo..hi) as lm_head computes them: dot4 on rows in aligned fours, dot on the last V % 4
+static void exact_rows(const Model *m, const float *h, float *out, int lo, int hi) {
+    int C = m->n_embd, V = m->vocab_size;
+    for (int r = lo; r < hi; r += 4) {
+        if (r + 4 <= V - V % 4)
+            dot4(out + r, m->wte + (size_t)r * C, h, C);
+        else
+            for (int j = r; j < hi; j++) out[j] = dot(m->wte + (size_t)j * C, h, C);
+    }
+}
+
+// What greedy decoding needs of lm_head, reading half its bytes: the fp32 logits that could be the largest,
+// exactly as lm_head computes them, and -inf where a logit cannot be. A row's logit from bf16 weights, a,
+// differs from lm_head's, l, by at most bound = slack * |h| * |w_row|: rounding to bf16 moves each weight by at
+// most 2^-9 of itself, and either fp32 sum is within (n + 1) * 2^-24 of the exact one (Cauchy-Schwarz turns
+// sum |h_i w_i| into the norms). So the largest l is at least top_low = max(a - bound), and a row with
+// a + bound < top_low is below it: only the other rows (about one in 50257 for TinyStories models, trained or
+// random) are computed in fp32. wte_bf16 holds the first V - V % 64 rows as (n_embd, 64) tiles; the rest are
+// always computed in fp32.
+static void lm_head_candidates(const Model *m, const float *hidden, float *logits) {
+    int C = m->n_embd, V = m->vocab_size, tiled = V - V % TILE_ROWS;
+    double slack = 1.01 * (ldexp(1., -9) + 2. * (C + 2) * ldexp(1., -24));  // 1.01: rounding in the bound itself
+    for (int b = 0; b < m->batch_size; b++) {
+        const float *h = hidden + (size_t)b * C;
+        float *out = logits + (size_t)b * V;
+        double h_norm = 0.;
+        for (int i = 0; i < C; i++) h_norm += (double)h[i] * h[i];
+        float scale = (float)(slack * sqrt(h_norm));
+        float top_low = -INFINITY;
+        #pragma omp parallel for schedule(static) reduction(max:top_low)
+        for (int r = 0; r < tiled; r += TILE_ROWS) {
+            tile_dot_bf16(out + r, m->wte_bf16 + (size_t)r * C, h, C);
+            for (int j = r; j < r + TILE_ROWS; j++) {
+                float low = out[j] - scale * m->wte_norms[j];
+                top_low = low > top_low ? low : top_low;
+            }
+        }
+        exact_rows(m, h, out, tiled, V);
+        for (int j = tiled; j < V; j++) top_low = out[j] > top_low ? out[j] : top_low;
+        if (!isfinite(top_low) || !isfinite(scale)) {  // NaN or inf in the hidden state: all logits, as lm_head
+            exact_rows(m, h, out, 0, tiled);
+            continue;
+        }
+        #pragma omp parallel for schedule(static)
+        for (int r = 0; r < tiled; r += 4) {
+            int candidate = 0;
+            for (int j = r; j < r + 4; j++) candidate |= out[j] + scale * m->wte_norms[j] >= top_low;
+            if (candidate)
+                dot4(out + r, m->wte + (size_t)r * C, h, C);
+            else
+                out[r] = out[r + 1] = out[r + 2] = out[r + 3] = -INFINITY;
+        }
+    }
+}
+
 // logits (B, V) after tokens (B,) at position pos; every earlier position is in the caches, which get this one.
 void tinylm_decode_step(const Model *m, const long long *tokens, long long pos, float *logits) {
     int C = m->n_embd, nh = m->n_head, hd = C / nh, I = m->n_inner, B = m->batch_size;
@@ -141,5 +222,8 @@ void tinylm_decode_step(const Model *m, const long long *tokens, long long pos, 
         }
         layer_norm(hidden + (size_t)b * C, x, m->lnf_w, m->lnf_b, C, m->eps);
     }
-    lm_head(m, hidden, logits);
+    if (m->wte_bf16)
+        lm_head_candidates(m, hidden, logits);
+    else
+        lm_head(m, hidden, logits);
 }

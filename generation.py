@@ -164,12 +164,13 @@ class GenerationMixin:
         except (ImportError, RuntimeError):
             return "eager"
 
-    def per_token_step(self, backend: str, device):
-        """The step function of a backend choose_backend named (decode_step's interface)."""
+    def per_token_step(self, backend: str, device, argmax_only: bool = False):
+        """The step function of a backend choose_backend named (decode_step's interface). argmax_only: only the
+        logits' argmax will be used (greedy decoding), which the native step finds faster (native_decode_step)."""
         if backend == "native":
             from native import native_decode_step
 
-            return native_decode_step(self)
+            return native_decode_step(self, argmax_only)
         return self._compiled_decode_step(device) if backend == "compile" else self.decode_step
 
     @torch.inference_mode()
@@ -197,7 +198,7 @@ class GenerationMixin:
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
         logits = F.linear(self.hidden_states(idx, cache)[:, -1], self.wte.weight)  # (B, vocab)
         compiled = backend == "compile"
-        step = step or self.per_token_step(backend, idx.device)
+        step = step or self.per_token_step(backend, idx.device, argmax_only=temperature == 0 and not output_logits)
         pos = torch.tensor([T], device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):

@@ -218,7 +218,8 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     try:
         backend = model.choose_backend(backend, batch_size=1)
-        step = model.per_token_step(backend, device) if backend == "native" else None  # built once, errors here
+        # built once, errors here
+        step = model.per_token_step(backend, device, args.temperature == 0) if backend == "native" else None
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"error: --backend {backend}: {e}") from None
     print(f"# {name}: {model.num_params() / 1e6:.2f}M parameters on {device}, {backend} decoding", file=sys.stderr)

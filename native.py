@@ -24,6 +24,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode.c")
 CACHE_ENV = "TINYLM_CACHE"  # relocates the compiled-library cache (default: ~/.cache/tinylm)
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
+TILE_ROWS = 64  # decode.c's TILE_ROWS: rows per bf16 tile of the greedy LM head
 _pointers = ctypes.POINTER(ctypes.c_void_p)
 
 
@@ -35,7 +36,7 @@ class _Model(ctypes.Structure):
                 + [(name, ctypes.c_void_p) for name in ("wte", "wpe", "lnf_w", "lnf_b")]
                 + [(name, _pointers) for name in ("ln1_w", "ln1_b", "qkv_w", "out_w", "out_b", "ln2_w", "ln2_b",
                                                   "fc_w", "fc_b", "proj_w", "proj_b", "global_kv", "local_kv")]
-                + [("scratch", ctypes.c_void_p)])
+                + [(name, ctypes.c_void_p) for name in ("scratch", "wte_bf16", "wte_norms")])
 
 
 def load_library() -> ctypes.CDLL:
@@ -135,11 +136,16 @@ def checked(library: ctypes.CDLL) -> ctypes.CDLL:
     return library
 
 
-def native_decode_step(model):
+def native_decode_step(model, argmax_only: bool = False):
     """A step function for model.generate / generate_stream (`step=`): the decode_step interface, run by decode.c.
 
     On its first call for a KV cache it copies the cache (filled by the prompt) into decode.c's layout, which
     later calls extend; the KVCache object itself then stays as the prompt left it.
+
+    argmax_only, for greedy decoding: each step's logits are decode.c's fp32 ones wherever they could be the
+    largest and -inf elsewhere, so their argmax is the same token. The LM head then reads a bf16 copy of wte (half
+    the bytes) and computes in fp32 only the rows that bf16's rounding leaves in doubt: a TinyStories-1M token
+    costs about 30% less.
     """
     params = list(model.parameters())
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
@@ -148,11 +154,12 @@ def native_decode_step(model):
         raise ValueError("native decoding has no dropout; call model.eval() first")
     library = load_library()
     state = {}
+    candidates = bf16_copy(model.wte.weight.detach()) if argmax_only else None
 
     def step(token, pos, kv_cache):
         if state.get("kv_cache") is not kv_cache:
             state.clear()
-            state.update(kv_cache=kv_cache, **native_state(model, kv_cache, token.size(0)))
+            state.update(kv_cache=kv_cache, **native_state(model, kv_cache, token.size(0), candidates))
         tokens = token[:, 0].contiguous()  # (B,) int64
         logits = torch.empty(token.size(0), model.config.vocab_size)
         library.tinylm_decode_step(ctypes.byref(state["model"]), tokens.data_ptr(), kv_cache.pos, logits.data_ptr())
@@ -160,9 +167,21 @@ def native_decode_step(model):
     return step
 
 
-def native_state(model, kv_cache, batch_size: int) -> dict:
+def bf16_copy(wte) -> tuple | None:
+    """(wte's first V - V % 64 rows rounded to bf16 as (n_embd, 64) tiles, the L2 norms of all V rows in fp32) for
+    decode.c's greedy LM head; None where wte holds a NaN or inf, which only the fp32 logits show as they are."""
+    norms = wte.norm(dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        return None
+    vocab, width = wte.shape
+    tiled = vocab - vocab % TILE_ROWS
+    tiles = wte[:tiled].to(torch.bfloat16).view(tiled // TILE_ROWS, TILE_ROWS, width).transpose(1, 2)
+    return tiles.contiguous().view(torch.int16), norms
+
+
+def native_state(model, kv_cache, batch_size: int, candidates: tuple | None = None) -> dict:
     """decode.c's Model for `model` and a copy of kv_cache, plus every tensor and array it points into (kept
-    alive with it)."""
+    alive with it). candidates: bf16_copy's answer, for logits that only greedy decoding may use."""
     c, blocks = model.config, model.h
     keep = []
 
@@ -197,5 +216,5 @@ def native_state(model, kv_cache, batch_size: int) -> dict:
         addresses([b.mlp.c_proj.weight for b in blocks]), addresses([b.mlp.c_proj.bias for b in blocks]),
         addresses([positions_along_rows(kv) for kv in kv_cache.global_kv]),
         addresses([positions_along_rows(kv) for kv in kv_cache.local_kv]),
-        address(scratch))
+        address(scratch), *(map(address, candidates) if candidates else (None, None)))
     return {"model": native, "keep": keep}

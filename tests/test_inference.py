@@ -202,7 +202,7 @@ def test_generation_takes_the_fastest_exact_backend_by_default(tinystories_1m_fo
         model.choose_backend("fast")
     import native
     built, real = [], native.native_decode_step
-    monkeypatch.setattr(native, "native_decode_step", lambda m: built.append(m) or real(m))
+    monkeypatch.setattr(native, "native_decode_step", lambda m, *a: built.append(m) or real(m, *a))
     idx = torch.tensor([[7454, 2402, 257, 640]])
     assert torch.equal(model.generate(idx, 20, temperature=0), model.generate(idx, 20, temperature=0, backend="eager"))
     assert len(built) == 1  # the default ran decode.c, and gave the eager tokens

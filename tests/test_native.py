@@ -51,6 +51,72 @@ def test_native_greedy_generation_matches_transformers(shape):
     ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                       do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, n, temperature=0, step=native_decode_step(ours)), ref)
+    assert torch.equal(ours.generate(prompt, n, temperature=0, step=native_decode_step(ours, argmax_only=True)), ref)
+
+
+def steps_side_by_side(model, idx, start, steps):
+    """decode.c's logits for each position from start on: the full step's beside the argmax_only step's."""
+    caches = [KVCache(model.config, idx.size(0), idx.size(1)) for _ in steps]
+    with torch.inference_mode():
+        for cache in caches:
+            model.hidden_states(idx[:, :start], cache)
+        for t in range(start, idx.size(1)):
+            yield [step(idx[:, t:t + 1], torch.tensor([t]), cache) for step, cache in zip(steps, caches)]
+            for cache in caches:
+                cache.pos += 1
+
+
+def test_argmax_only_keeps_exact_every_logit_that_could_be_the_largest():
+    # 1001 rows (not a multiple of 4): 10 directions, each scaled by 1 + k * 2^-22, so every logit has ~100
+    # neighbours that bf16 cannot tell apart (the same bf16 row) but fp32 can; rows 1 and 2 are equal (a tie)
+    config = GPTNeoConfig(vocab_size=1001, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32, window_size=8)
+    model = sharpen_(GPTNeo(config)).eval()
+    with torch.no_grad():
+        base = torch.randn(10, 32, generator=torch.Generator().manual_seed(2))
+        k = torch.arange(1001.)
+        model.wte.weight.copy_(base[k.long() % 10] * (1 + k * 2.0 ** -22)[:, None])
+        model.wte.weight[2] = model.wte.weight[1]
+    idx = torch.randint(0, 1001, (2, 40), generator=torch.Generator().manual_seed(3))
+    steps = [native_decode_step(model), native_decode_step(model, argmax_only=True)]
+    for full, pruned in steps_side_by_side(model, idx, 4, steps):
+        kept = torch.isfinite(pruned)
+        assert torch.equal(pruned[kept], full[kept])  # the same fp32 numbers, bit for bit
+        assert torch.equal(pruned.max(-1).indices, full.max(-1).indices)  # greedy's token, ties to the first
+        assert 1 <= kept.sum(-1).max() < 1001 / 2  # some rows were left out: the pruning ran
+        assert (full.masked_fill(kept, float("-inf")) < full.max(-1, keepdim=True).values).all()
+
+
+def test_argmax_only_finds_the_fp32_maximum_where_bf16_ranks_it_second():
+    # h = (1, 1, 0, ...) whatever the input (ln_f's weight 0, its bias h). With u = 2^-7, bf16's spacing at 1:
+    # row 5 = (1 + 0.49u, 1 + 0.49u) rounds to (1, 1): bf16 logit 2, fp32 2 + 0.98u;
+    # row 600 = (1 + 0.51u, 1 - 0.4u) rounds to (1 + u, 1 - u/2): bf16 2 + 0.5u, fp32 2 + 0.11u; row 700 = row 5
+    config = GPTNeoConfig(vocab_size=1001, max_position_embeddings=16, n_layer=1, n_head=2, n_embd=32)
+    model = GPTNeo(config).eval()
+    u = 2.0 ** -7
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.zero_()[:2] = 1
+        model.wte.weight.mul_(0.1)
+        model.wte.weight[[5, 600, 700], 2:] = 0
+        model.wte.weight[5, :2] = model.wte.weight[700, :2] = 1 + 0.49 * u
+        model.wte.weight[600, :2] = torch.tensor([1 + 0.51 * u, 1 - 0.4 * u])
+    assert model.wte.weight[:, :2].bfloat16().float().sum(-1).argmax() == 600  # bf16 alone would pick row 600
+    idx = torch.randint(0, 1001, (2, 6), generator=torch.Generator().manual_seed(0))
+    steps = [native_decode_step(model), native_decode_step(model, argmax_only=True)]
+    for full, pruned in steps_side_by_side(model, idx, 2, steps):
+        assert (full.max(-1).indices == 5).all() and (pruned.max(-1).indices == 5).all()
+        assert torch.equal(pruned[:, [5, 600, 700]], full[:, [5, 600, 700]])
+
+
+def test_argmax_only_gives_the_full_logits_where_wte_is_not_finite():
+    config = GPTNeoConfig(vocab_size=50, max_position_embeddings=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPTNeo(config).eval()
+    with torch.no_grad():
+        model.wte.weight[7, 3] = float("inf")
+    idx = torch.randint(0, 7, (1, 10), generator=torch.Generator().manual_seed(0))
+    steps = [native_decode_step(model), native_decode_step(model, argmax_only=True)]
+    for full, pruned in steps_side_by_side(model, idx, 2, steps):
+        torch.testing.assert_close(pruned, full, rtol=0, atol=0, equal_nan=True)
 
 
 def test_native_sampling_with_eos_and_a_second_call():

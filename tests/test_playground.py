@@ -119,8 +119,8 @@ def test_past_the_limit_the_server_is_busy_and_a_client_that_leaves_stops_its_st
     running, _ = server
     per_token_step = GenerationMixin.per_token_step
 
-    def slow(self, backend, device):
-        step = per_token_step(self, backend, device)
+    def slow(self, backend, device, **options):
+        step = per_token_step(self, backend, device, **options)
         return lambda *a: time.sleep(0.02) or step(*a)
     monkeypatch.setattr(GenerationMixin, "per_token_step", slow)
     conn = http.client.HTTPConnection(*running.server_address[:2], timeout=30)
@@ -145,8 +145,8 @@ def test_a_failure_mid_story_is_the_last_event_not_a_second_response(server, mon
     running, _ = server
     per_token_step = GenerationMixin.per_token_step
 
-    def failing(self, backend, device):
-        step, calls = per_token_step(self, backend, device), []
+    def failing(self, backend, device, **options):
+        step, calls = per_token_step(self, backend, device, **options), []
 
         def fail_at_the_third(*a):
             calls.append(1)
