@@ -1,13 +1,15 @@
-"""Fast generation on CPU: TinyLM's per-token decoding step in C (decode.c), called through ctypes.
+"""Native code on CPU, called through ctypes: TinyLM's per-token decoding step (decode.c) and its training
+attention (attention.c).
 
     from native import native_decode_step
     out = model.generate(idx, 200, temperature=0, step=native_decode_step(model))
 
 decode.c computes what GPTNeo.decode_step computes (fp32, eval mode, any mix of local and global heads), with
-no per-operation overhead: for TinyStories-1M a token costs about half of the compiled PyTorch step. It is
-compiled with the system's C compiler (`cc`, or $CC) once per machine (about a second) and kept in
-~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the source, the compiler, the flags and the CPU.
-"""
+no per-operation overhead: for TinyStories-1M a token costs about half of the compiled PyTorch step.
+attention.c computes causal attention, global or local, forward and backward (native_attention), which
+SelfAttention runs in fp32 on CPU at small head sizes. Each file is compiled with the system's C compiler (`cc`, or $CC) once per
+machine (about a second) and kept in ~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the source, the compiler,
+the flags and the CPU; without a compiler, PyTorch's own operations run instead."""
 
 import ctypes
 import functools
@@ -20,7 +22,9 @@ import tempfile
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode.c")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Each C file and a function its library must export: decode.c (generation) and attention.c (training)
+SOURCES = {"decode": "tinylm_decode_step", "attention": "tinylm_attention_forward"}
 CACHE_ENV = "TINYLM_CACHE"  # relocates the compiled-library cache (default: ~/.cache/tinylm)
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
@@ -39,35 +43,46 @@ class _Model(ctypes.Structure):
                 + [(name, ctypes.c_void_p) for name in ("scratch", "wte_bf16", "wte_norms")])
 
 
-def load_library() -> ctypes.CDLL:
-    """decode.c compiled and loaded, once per process; a build that failed raises the same RuntimeError again
-    without trying again (generate's default backend asks on every call)."""
-    library, error = build_library()
+def load_library(name: str = "decode") -> ctypes.CDLL:
+    """NAME.c (decode.c by default; see SOURCES) compiled and loaded, once per process; a build that failed raises
+    the same RuntimeError again without trying again (generate's default backend asks on every call)."""
+    library, error = build_library(name)
     if error is not None:
         raise RuntimeError(error)
     return library
 
 
 @functools.cache
-def build_library() -> tuple[ctypes.CDLL | None, str | None]:
+def build_library(name: str = "decode") -> tuple[ctypes.CDLL | None, str | None]:
     """(the loaded library, None), or (None, why it could not be built). The library comes from the on-disk cache
     when a process on this machine built it before; else it is compiled (about a second) and published there."""
+    source = os.path.join(HERE, f"{name}.c")
     wanted = os.environ.get("CC")
     cc = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        return None, (f"native decoding compiles decode.c and found no C compiler "
-                      f"({'$CC=' + wanted if wanted else 'cc, gcc or clang'}); install one, or generate without it")
+        return None, (f"native code compiles {name}.c and found no C compiler "
+                      f"({'$CC=' + wanted if wanted else 'cc, gcc or clang'}); install one, or run without it")
     errors = ""
-    # OpenMP spreads the LM head over all cores and glibc's libmvec vectorizes exp and tanh; without them
+    # OpenMP spreads work over all cores and glibc's libmvec vectorizes exp and tanh; without them
     # (Apple clang, musl) the same code builds slower
     for flags in (FLAGS + ["-fopenmp", "-DTINYLM_MVEC", "-lmvec"], FLAGS + ["-fopenmp"], FLAGS):
-        library, errors = cached_build(cc, flags)
+        library, errors = cached_build(cc, flags, source)
         if library is not None:
-            library.tinylm_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_longlong,
-                                                   ctypes.c_void_p]
-            library.tinylm_decode_step.restype = None
-            return library, None
-    return None, f"compiling {SOURCE} with {cc} failed:\n{errors}"
+            return declare(library), None
+    return None, f"compiling {source} with {cc} failed:\n{errors}"
+
+
+def declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """The argument types of the library's functions, so ctypes passes pointers and ints as C expects."""
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    functions = {"tinylm_decode_step": [ctypes.POINTER(_Model), pointer, i64, pointer],
+                 "tinylm_attention_forward": [pointer] * 5 + [i32] * 4,
+                 "tinylm_attention_backward": [pointer] * 9 + [i32] * 4}
+    for name, argtypes in functions.items():
+        if hasattr(library, name):
+            getattr(library, name).argtypes = argtypes
+            getattr(library, name).restype = None
+    return library
 
 
 def cache_folder() -> str:
@@ -76,35 +91,36 @@ def cache_folder() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(base, "tinylm")
 
 
-def build_key(cc: str, flags: list[str]) -> str:
+def build_key(cc: str, flags: list[str], source: str) -> str:
     """What the compiled library depends on: the source, the compiler and its version, the flags, and the machine
     (its architecture and CPU features: -march=native code may not run on another CPU sharing the home folder)."""
-    return hashlib.sha256(toolchain(cc) + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
+    return hashlib.sha256(toolchain(cc, source) + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
 
 
 @functools.cache
-def toolchain(cc: str) -> bytes:
+def toolchain(cc: str, source: str) -> bytes:
     """The source, compiler, version and machine, read once per process whatever flags are tried."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     cpu = ""
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    return b"\0".join([source, cc.encode(), version.encode(), platform.machine().encode(), cpu.encode()])
+    with open(source, "rb") as f:
+        text = f.read()
+    return b"\0".join([text, cc.encode(), version.encode(), platform.machine().encode(), cpu.encode()])
 
 
-def cached_build(cc: str, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:
+def cached_build(cc: str, flags: list[str], source: str) -> tuple[ctypes.CDLL | None, str]:
     """(library, "") from the cache, or compiled and published there whole (os.replace of a file of this
     process's own, so processes building at once each publish a complete file); (None, compiler errors) when
     these flags do not build. A cached file that does not load is built again; a cache that cannot be written
     is skipped for a temporary folder."""
     folder = cache_folder()
-    path = os.path.join(folder, f"decode-{build_key(cc, flags)}.so")
+    name = os.path.splitext(os.path.basename(source))[0]
+    path = os.path.join(folder, f"{name}-{build_key(cc, flags, source)}.so")
     if os.path.isfile(path):
         try:
-            return checked(ctypes.CDLL(path)), ""
+            return checked(ctypes.CDLL(path), name), ""
         except (OSError, AttributeError):
             pass  # damaged (cut short, overwritten): build it again
     try:
@@ -112,13 +128,13 @@ def cached_build(cc: str, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:
         tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".tmp", delete=False).name
     except OSError:  # an unwritable cache: build in a temporary folder, as without a cache
         folder = tempfile.mkdtemp(prefix="tinylm-native-")
-        path = tmp = os.path.join(folder, "decode.so")
+        path = tmp = os.path.join(folder, f"{name}.so")
     try:
-        result = subprocess.run([cc, *flags, SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True)
+        result = subprocess.run([cc, *flags, source, "-o", tmp, "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             return None, result.stderr
         try:
-            library = checked(ctypes.CDLL(tmp))  # e.g. a vector function this glibc lacks: a library links anyway
+            library = checked(ctypes.CDLL(tmp), name)  # e.g. a vector function this glibc lacks: a library links anyway
         except (OSError, AttributeError) as e:
             return None, str(e)
         if tmp != path:
@@ -131,8 +147,8 @@ def cached_build(cc: str, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def checked(library: ctypes.CDLL) -> ctypes.CDLL:
-    library.tinylm_decode_step  # noqa: B018 (AttributeError when the file is not decode.c's library)
+def checked(library: ctypes.CDLL, name: str) -> ctypes.CDLL:
+    getattr(library, SOURCES[name])  # AttributeError when the file is not NAME.c's library
     return library
 
 
@@ -218,3 +234,38 @@ def native_state(model, kv_cache, batch_size: int, candidates: tuple | None = No
         addresses([positions_along_rows(kv) for kv in kv_cache.local_kv]),
         address(scratch), *(map(address, candidates) if candidates else (None, None)))
     return {"model": native, "keep": keep}
+
+
+def native_attention(q, k, v, window: int = 0):
+    """GPT-Neo's causal attention of q, k, v (B, nh, T, hd), fp32 on CPU, by attention.c, forward and backward:
+    F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0), or with window > 0 what a local head sees
+    (each query the last `window` keys). RuntimeError where attention.c cannot be built."""
+    return _Attention.apply(q, k, v, window)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window):
+        library = load_library("attention")
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, nh, T, hd = q.shape
+        out, lse = torch.empty_like(q), q.new_empty(B, nh, T)  # lse: each query's log-sum-exp, for backward
+        library.tinylm_attention_forward(*_addresses(q, k, v, out, lse), B * nh, T, hd, window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        B, nh, T, hd = q.shape
+        load_library("attention").tinylm_attention_backward(*_addresses(q, k, v, out, lse, grad_out, dq, dk, dv),
+                                                            B * nh, T, hd, ctx.window)
+        return dq, dk, dv, None
+
+
+def _addresses(*tensors):
+    return [t.data_ptr() for t in tensors]
+

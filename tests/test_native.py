@@ -2,13 +2,16 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_model import make_hf, sharpen_
 from transformers import GPTNeoForCausalLM
 
 from generation import KVCache
 from hf_weights import hf_to_tinylm_state_dict
 from model import GPTNeo, GPTNeoConfig
-from native import load_library, native_decode_step
+import model as model_module
+import native
+from native import load_library, native_attention, native_decode_step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,3 +178,49 @@ def test_the_compiled_library_is_cached_per_machine(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     env["TINYLM_CACHE"] = str(tmp_path / "a_file")  # a cache that cannot be made: built in a temporary folder
     assert start().communicate(timeout=120)[0] == "ok\n"
+
+
+def sdpa_attention(q, k, v, window):
+    i = torch.arange(q.size(2))
+    sees = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sees, scale=1.0)
+
+
+@pytest.mark.parametrize("B, nh, T, hd, window", [(2, 3, 37, 4, 0), (2, 3, 37, 4, 8), (1, 2, 70, 24, 16),
+                                                   (2, 1, 50, 7, 100), (1, 2, 9, 64, 1)])
+def test_native_attention_gives_sdpa_outputs_and_gradients(B, nh, T, hd, window):
+    gen = torch.Generator().manual_seed(T + hd)
+    q, k, v = (torch.randn(B, nh, T, hd, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn(B, nh, T, hd, generator=gen)
+    ours = native_attention(q, k, v, window)
+    ref = sdpa_attention(q.double(), k.double(), v.double(), window)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5 * (1 + want.abs().max().item()))
+
+
+def test_a_model_trains_the_same_with_native_attention_and_without(monkeypatch):
+    # every layer kind: global, local (window 5 of 24 tokens), and both in one layer; head size 4
+    config = GPTNeoConfig(vocab_size=60, max_position_embeddings=24, n_layer=3, n_head=4, n_embd=16, window_size=5,
+                          local_heads=[0, 4, 2])
+    model = GPTNeo(config)
+    idx = torch.randint(0, 60, (3, 24), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(native, "native_attention", lambda *a: calls.append(1) or native_attention(*a))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(idx, idx)[1]
+        loss.backward()
+        return [loss] + [p.grad.clone() for p in model.parameters()]
+    with_native = loss_and_grads()
+    assert len(calls) == 4  # one global, one local, both kinds in the third layer
+    monkeypatch.setattr(model_module, "NATIVE_ATTENTION_MAX_HEAD_DIM", 0)
+    without = loss_and_grads()
+    assert len(calls) == 4
+    for a, b in zip(with_native, without):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(model_module, "NATIVE_ATTENTION_MAX_HEAD_DIM", 64)
+    monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
+    torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: scaled_dot_product_attention
+    assert len(calls) == 4
