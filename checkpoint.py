@@ -117,7 +117,8 @@ def save_checkpoint(folder: str, model: GPTNeo, tokenizer, opt, state: dict, con
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)  # tokenizer.json, and tokenizer_config.json for AutoTokenizer
+        # tokenizer.json, and tokenizer_config.json for AutoTokenizer (end-of-text token, the model's context)
+        tokenizer.save_pretrained(tmp, model_max_length=model.config.max_position_embeddings)
         write_json(os.path.join(tmp, "training_config.json"), config_as_dict(config))
         if resumable:
             torch.save({"optimizer": opt.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},

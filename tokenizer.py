@@ -57,13 +57,14 @@ class Tokenizer:
             return self.backend_tokenizer.id_to_token(ids)
         return [self.backend_tokenizer.id_to_token(int(i)) for i in ids]
 
-    def save_pretrained(self, folder: str):
-        """tokenizer.json, and a tokenizer_config.json that tells transformers' AutoTokenizer its special tokens."""
+    def save_pretrained(self, folder: str, model_max_length: int = 2048):
+        """tokenizer.json, and a tokenizer_config.json that tells transformers' AutoTokenizer its special tokens
+        and the context of the model it goes with (default: GPT-Neo's 2048)."""
         os.makedirs(folder, exist_ok=True)
         self.backend_tokenizer.save(os.path.join(folder, "tokenizer.json"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT,
-                       "unk_token": EOT, "model_max_length": 2048, "clean_up_tokenization_spaces": False}, f, indent=2)
+                       "unk_token": EOT, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}, f, indent=2)
 
     def __repr__(self):
         return f"Tokenizer({len(self)} tokens, end of text {self.eos_token_id})"

@@ -65,8 +65,10 @@ def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path, c
     assert (tmp_path / "out" / "last" / "train_state.pt").exists()
     hf = GPTNeoForCausalLM.from_pretrained(str(tmp_path / "out" / "best"))  # a plain GPT-Neo folder
     assert hf.config.vocab_size == 400
-    from transformers import AutoTokenizer  # and its tokenizer knows the end-of-text token generate stops at
-    assert AutoTokenizer.from_pretrained(str(tmp_path / "out" / "best")).eos_token_id == 399
+    from transformers import AutoTokenizer  # and its tokenizer knows the end-of-text token generate stops at,
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "best"))
+    assert hf_tokenizer.eos_token_id == 399
+    assert hf_tokenizer.model_max_length == 64  # and the model's context (it said 2048, GPT-Neo's, before)
     assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
