@@ -6,6 +6,7 @@ to its field's type, unknown keys and bad values refused with the file or `--set
 
 import configparser
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -94,6 +95,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not self.out_dir.strip():
             raise ValueError("out_dir must name a folder, got an empty value")
+        self.out_dir = os.path.normpath(self.out_dir)  # out/x/../y is out/y: making it must not leave an empty out/x
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

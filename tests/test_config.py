@@ -9,7 +9,7 @@ import torch
 from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
-from config import load_config
+from config import TrainConfig, load_config
 from conftest import hub_cache_snapshot
 from model import GPTNeo
 
@@ -126,3 +126,11 @@ def test_each_family_config_builds_and_loads_by_hub_id(name, tmp_path, monkeypat
         ours = loaded(idx)[0]
         assert torch.equal(ours, model(idx)[0])
         torch.testing.assert_close(ours, hf(idx).logits, rtol=0, atol=1e-4)
+
+
+def test_out_dir_is_taken_as_the_folder_it_names(tmp_path):
+    # out/x/../y is out/y: before, making it also made an empty out/x that no run owned
+    (tmp_path / "x.config").write_text(f"[train]\nout_dir = {tmp_path}/runs/x/../y\n")
+    t = load_config(str(tmp_path / "x.config"), ["train.max_steps=3"])["train"]
+    assert t.out_dir == os.path.join(str(tmp_path), "runs", "y")
+    assert TrainConfig(out_dir="out/./a//b/").out_dir == os.path.join("out", "a", "b")
