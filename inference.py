@@ -18,7 +18,7 @@ from devices import pick_device
 from generation import DECODE_BACKENDS
 from hf_weights import resolve_pretrained
 from scoring import evaluate_file
-from tokenizer import streamed_text
+from tokenizer import text_stream
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"
@@ -83,8 +83,9 @@ def stream_story(model, tokenizer, idx, args, out=sys.stdout, step=None, backend
     """Print the prompt and then the story as its tokens arrive; return all token ids and the time each new one
     arrived. `step`, `backend`: see GPTNeo.generate."""
     ids = idx[0].tolist()
-    printed = tokenizer.decode(ids, skip_special_tokens=True)
-    out.write(printed)
+    prompt = tokenizer.decode(ids, skip_special_tokens=True)
+    out.write(prompt)
+    new_text, written = text_stream(tokenizer, ids), len(prompt)
     top_k = args.top_k or None
     arrived = [time.perf_counter()]
     for token in model.generate_stream(idx, args.max_new_tokens, args.temperature, top_k, args.top_p,
@@ -92,11 +93,11 @@ def stream_story(model, tokenizer, idx, args, out=sys.stdout, step=None, backend
         arrived.append(time.perf_counter())
         ids.append(token.item())
         if not args.no_stream:
-            text = streamed_text(tokenizer, ids, printed)
-            out.write(text[len(printed):])
+            text = new_text(ids[-1])
+            out.write(text)
             out.flush()
-            printed = text
-    out.write(tokenizer.decode(ids, skip_special_tokens=True)[len(printed):] + "\n")
+            written += len(text)
+    out.write(tokenizer.decode(ids, skip_special_tokens=True)[written:] + "\n")
     out.flush()
     return ids, arrived
 

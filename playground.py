@@ -35,7 +35,7 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from scoring import token_view
-from tokenizer import streamed_text
+from tokenizer import text_stream
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
 MAX_BODY_BYTES = 1 << 20
@@ -149,7 +149,7 @@ def story_events(playground: Playground, request: dict):
     yield {"model": request["model"], "seed": seed, "prompt": prompt, "ids": ids, "max_new_tokens": max_new_tokens,
            "eos_id": tokenizer.eos_token_id}
     idx = torch.tensor([ids], device=playground.device)
-    shown, started = prompt, time.perf_counter()
+    new_text, started = text_stream(tokenizer, ids), time.perf_counter()
     for token, logits in model.generate_stream(idx, max_new_tokens, request["temperature"], request["top_k"] or None,
                                                request["top_p"], eos_token_id=tokenizer.eos_token_id,
                                                generator=generator, output_logits=True):
@@ -157,9 +157,7 @@ def story_events(playground: Playground, request: dict):
         probs = logits[0].float().softmax(-1)  # what the model gave each token, before temperature and filters
         best = probs.topk(TOP)
         ids = ids + [token]
-        text = streamed_text(tokenizer, ids, shown)
-        delta, shown = text[len(shown):], text
-        yield {"id": token, "text": delta, "p": round(probs[token].item(), 5), "eos": token == tokenizer.eos_token_id,
+        yield {"id": token, "text": new_text(token), "p": round(probs[token].item(), 5), "eos": token == tokenizer.eos_token_id,
                "top": [[tokenizer.decode([i]), round(p, 5), i] for p, i in zip(best.values.tolist(),
                                                                                 best.indices.tolist())]}
     yield {"done": True, "tokens": len(ids) - idx.size(1), "seconds": round(time.perf_counter() - started, 3)}

@@ -127,11 +127,25 @@ def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
                          "copy it again from where the model came from") from None
 
 
-def streamed_text(tokenizer, ids, shown: str) -> str:
-    """The text of ids so far, for a stream that has shown `shown`: `shown` itself while the last token ends inside
-    a multi-byte character, so a stream writes text[len(shown):] and never half a character."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return shown if text.endswith("\ufffd") else text
+def text_stream(tokenizer, ids: list[int]):
+    """A function that takes the next token id and returns the text it adds to the story `ids` begins (special
+    tokens skipped): "" while the tokens end inside a multi-byte character, so a stream never shows half of one.
+    Each call decodes only the tokens since the last whole character (byte-level BPE decodes a concatenation as
+    the concatenation of its parts), where decoding the whole story per token grows with its square."""
+    ids = list(ids)
+    shown = tokenizer.decode(ids, skip_special_tokens=True)
+    whole = 0 if shown.endswith("\ufffd") else len(ids)  # ids[:whole] decode to whole characters, all shown
+
+    def add(token: int) -> str:
+        nonlocal shown, whole
+        ids.append(token)
+        text = tokenizer.decode(ids[whole:], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text if whole else text[len(shown):]  # from 0: the prompt itself ended inside a character
+        shown, whole = (shown + delta if whole else text), len(ids)
+        return delta
+    return add
 
 
 def trim_tokenizer(full: Tokenizer, counts: np.ndarray, vocab_size: int) -> Tokenizer:

@@ -11,7 +11,7 @@ import pytest
 
 from dataload import count_tokens, read_stories
 from test_dataload import ODD_TEXTS, SHARED, make_stories
-from tokenizer import (EOT, gpt_neo_vocab_and_merges, load_tokenizer, streamed_text, tokenizer_from_file,
+from tokenizer import (EOT, gpt_neo_vocab_and_merges, load_tokenizer, text_stream, tokenizer_from_file,
                        trim_tokenizer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,15 +78,22 @@ def test_real_tinystories_sample_round_trips(full):
         assert tok.decode(tok.encode(story)) == story
 
 
-def test_a_stream_never_shows_half_a_character():
+def test_a_stream_never_shows_half_a_character_and_decodes_only_its_last_tokens():
     # 🦒 is three byte-level tokens: until its last one arrives the stream shows the text before it
     tokenizer = load_tokenizer()
-    ids, shown, seen = tokenizer.encode("Tom saw a 🦒 and ran."), "", []
-    for n in range(1, len(ids) + 1):
-        shown = streamed_text(tokenizer, ids[:n], shown)
-        seen.append(shown)
-    assert all("\ufffd" not in text for text in seen) and shown == "Tom saw a 🦒 and ran."
-    assert len(set(seen)) < len(seen)  # some tokens added no text of their own: they held back a partial character
+    story = "Tom saw a 🦒 and ran. " * 40 + "Ünïcödé ends it: 日本"
+    ids, decoded = tokenizer.encode(story), []
+    real_decode = tokenizer.decode
+    tokenizer.decode = lambda ids, **kw: decoded.append(len(ids)) or real_decode(ids, **kw)
+    for cut in (1, 4, 6):  # prompts of whole characters (1, 6) and one that ends inside 🦒 (4)
+        decoded.clear()
+        prompt = real_decode(ids[:cut])
+        new_text = text_stream(tokenizer, ids[:cut])
+        deltas = [new_text(token) for token in ids[cut:]]
+        assert "".join(deltas) == story[len(prompt):]  # what decoding the whole story each time showed
+        assert all("\ufffd" not in d for d in deltas) and "" in deltas  # some tokens held back a partial character
+        assert max(decoded[3:]) <= 3  # each step decoded the tokens since the last whole character, not the story
+    assert real_decode(ids[:4]).endswith("\ufffd") and real_decode(ids[:6]).endswith("🦒")
 
 
 def reference_gpt_neo_tokenizer():
