@@ -11,7 +11,7 @@ import os
 import torch
 
 from model import GPTNeo, GPTNeoConfig
-from storage import atomic_write, write_text
+from storage import atomic_write, new_file_mode, write_text
 
 
 def load_pretrained(cls, name_or_path: str) -> GPTNeo:
@@ -45,8 +45,9 @@ def save_pretrained(model: GPTNeo, folder: str):
 
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tinylm_to_hf_state_dict(model.state_dict()).items()}
+    # safetensors creates its file readable by its owner alone (0600); a shared model gets a new file's usual mode
     atomic_write(os.path.join(folder, "model.safetensors"),
-                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+                 lambda p: (save_file(tensors, p, metadata={"format": "pt"}), os.chmod(p, new_file_mode())))
     config = {**model.config.to_hf_dict(), "dtype": str(model.wte.weight.dtype).removeprefix("torch.")}
     atomic_write(os.path.join(folder, "config.json"), lambda p: write_text(p, json.dumps(config, indent=2) + "\n"))
 

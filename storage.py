@@ -31,6 +31,13 @@ def atomic_write(path: str, write):
             os.remove(tmp)
 
 
+def new_file_mode() -> int:
+    """The permissions open() gives a new file under this process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text(path: str, text: str):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -2,6 +2,7 @@
 it back, and damaged or foreign checkpoints are refused in one sentence."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import GPTNeoForCausalLM
 
 from hf_weights import hf_to_tinylm_state_dict
 from model import GPTNeo, GPTNeoConfig
+from storage import new_file_mode
 from test_model import MIXED, assert_logits_close, sharpen_
 
 
@@ -25,6 +27,9 @@ def test_save_pretrained_loads_in_transformers_with_identical_logits(tmp_path):
         assert_logits_close(ours, hf.eval()(idx).logits)
         again, _ = GPTNeo.from_pretrained(str(tmp_path))(idx)
     assert torch.equal(again, ours)
+    # a folder to share: the weights are as readable as config.json (safetensors alone made them 0600)
+    mode = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert mode["model.safetensors"] == mode["config.json"] == new_file_mode()
 
 
 def test_mixed_model_round_trips_but_transformers_refuses(tmp_path):
