@@ -28,22 +28,35 @@ static inline float exp_nonpositive(float x) {
     return x >= -87.f ? e * scale : x;  // NaN stays NaN
 }
 
-// dst (cols, rows) = src (rows, cols)
-static void transpose(float *dst, const float *src, int rows, int cols) {
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+// keys (T, hd) -> rows (hd, S): positions along rows of stride S
+static void to_rows(float *rows, const float *keys, int T, int hd, size_t S) {
+    for (int t = 0; t < T; t++)
+        for (int d = 0; d < hd; d++) rows[d * S + t] = keys[(size_t)t * hd + d];
+}
+
+// rows (hd, S) -> keys (T, hd)
+static void from_rows(float *keys, const float *rows, int T, int hd, size_t S) {
+    for (int t = 0; t < T; t++)
+        for (int d = 0; d < hd; d++) keys[(size_t)t * hd + d] = rows[d * S + t];
+}
+
+// The row stride of the (hd, S) buffers: T rounded up to 16 floats, plus 16, so that rows start one cache line
+// apart modulo 4 KB (with S = T = 512 every other row fell in the same L1 sets, and hd rows read at once evicted
+// each other)
+static size_t row_stride(int T) {
+    return ((size_t)T + 15) / 16 * 16 + 16;
 }
 
 static int first_key(int i, int window) {
     return window > 0 && i >= window ? i - window + 1 : 0;
 }
 
-// The forward pass of one (batch, head) slice: q, out (T, hd); kt, vt (hd, T), keys along rows; p: T floats of
+// The forward pass of one (batch, head) slice: q, out (T, hd); kt, vt (hd, S), keys along rows; p: T floats of
 // scratch. Inlined with a constant hd (see FOR_HEAD_SIZES), the loops over hd unroll into registers and each
 // loop over keys is one vectorized pass.
 static inline __attribute__((always_inline)) void forward_slice(const float *q, const float *kt, const float *vt,
-                                                                float *out, float *lse, float *p, int T, int hd,
-                                                                int window) {
+                                                                float *out, float *lse, float *p, int T, size_t S,
+                                                                int hd, int window) {
     for (int i = 0; i < T; i++) {
         int lo = first_key(i, window), n = i + 1 - lo;
         const float *qi = q + (size_t)i * hd, *k0 = kt + lo, *v0 = vt + lo;
@@ -51,7 +64,7 @@ static inline __attribute__((always_inline)) void forward_slice(const float *q, 
         #pragma omp simd reduction(max:mx)
         for (int j = 0; j < n; j++) {
             float s = 0.f;
-            for (int d = 0; d < hd; d++) s += qi[d] * k0[(size_t)d * T + j];
+            for (int d = 0; d < hd; d++) s += qi[d] * k0[d * S + j];
             p[j] = s;
             mx = s > mx ? s : mx;
         }
@@ -60,23 +73,39 @@ static inline __attribute__((always_inline)) void forward_slice(const float *q, 
             p[j] = exp_nonpositive(p[j] - mx);
             sum += p[j];
         }
-        for (int d = 0; d < hd; d++) {
-            const float *row = v0 + (size_t)d * T;
+        // four rows of v at a time: p is read once for them, and four sums run side by side where one sum's
+        // chain of adds would wait on each add's latency
+        float *oi = out + (size_t)i * hd;
+        int d = 0;
+        for (; d + 4 <= hd; d += 4) {
+            const float *r0 = v0 + d * S, *r1 = r0 + S, *r2 = r1 + S, *r3 = r2 + S;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            #pragma omp simd reduction(+:a0, a1, a2, a3)
+            for (int j = 0; j < n; j++) {
+                a0 += p[j] * r0[j];
+                a1 += p[j] * r1[j];
+                a2 += p[j] * r2[j];
+                a3 += p[j] * r3[j];
+            }
+            oi[d] = a0 / sum, oi[d + 1] = a1 / sum, oi[d + 2] = a2 / sum, oi[d + 3] = a3 / sum;
+        }
+        for (; d < hd; d++) {
+            const float *row = v0 + d * S;
             float acc = 0.f;
             #pragma omp simd reduction(+:acc)
             for (int j = 0; j < n; j++) acc += p[j] * row[j];
-            out[(size_t)i * hd + d] = acc / sum;
+            oi[d] = acc / sum;
         }
         lse[i] = mx + logf(sum);
     }
 }
 
-// The backward pass of one slice, as forward_slice: dq (T, hd); dkt, dvt (hd, T) accumulate; p, ds: T floats each
+// The backward pass of one slice, as forward_slice: dq (T, hd); dkt, dvt (hd, S) accumulate; p, ds: T floats each
 static inline __attribute__((always_inline)) void backward_slice(const float *q, const float *kt, const float *vt,
                                                                  const float *out, const float *lse,
                                                                  const float *dout, float *dq, float *dkt,
-                                                                 float *dvt, float *p, float *ds, int T, int hd,
-                                                                 int window) {
+                                                                 float *dvt, float *p, float *ds, int T, size_t S,
+                                                                 int hd, int window) {
     for (int i = 0; i < T; i++) {
         int lo = first_key(i, window), n = i + 1 - lo;
         const float *qi = q + (size_t)i * hd, *doi = dout + (size_t)i * hd, *k0 = kt + lo, *v0 = vt + lo;
@@ -86,15 +115,34 @@ static inline __attribute__((always_inline)) void backward_slice(const float *q,
         for (int j = 0; j < n; j++) {
             float s = 0.f, dp = 0.f;
             for (int d = 0; d < hd; d++) {
-                s += qi[d] * k0[(size_t)d * T + j];
-                dp += doi[d] * v0[(size_t)d * T + j];
+                s += qi[d] * k0[d * S + j];
+                dp += doi[d] * v0[d * S + j];
             }
             p[j] = exp_nonpositive(s - li);
             ds[j] = p[j] * (dp - di);
         }
-        for (int d = 0; d < hd; d++) {
-            const float *krow = k0 + (size_t)d * T;
-            float *dkrow = dkt + (size_t)d * T + lo, *dvrow = dvt + (size_t)d * T + lo;
+        // four key rows at a time, as forward_slice's values
+        float *dqi = dq + (size_t)i * hd;
+        int d = 0;
+        for (; d + 4 <= hd; d += 4) {
+            const float *k_0 = k0 + d * S, *k_1 = k_0 + S, *k_2 = k_1 + S, *k_3 = k_2 + S;
+            float *dk_0 = dkt + d * S + lo, *dk_1 = dk_0 + S, *dk_2 = dk_1 + S, *dk_3 = dk_2 + S;
+            float *dv_0 = dvt + d * S + lo, *dv_1 = dv_0 + S, *dv_2 = dv_1 + S, *dv_3 = dv_2 + S;
+            float q_0 = qi[d], q_1 = qi[d + 1], q_2 = qi[d + 2], q_3 = qi[d + 3];
+            float do_0 = doi[d], do_1 = doi[d + 1], do_2 = doi[d + 2], do_3 = doi[d + 3];
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            #pragma omp simd reduction(+:a0, a1, a2, a3)
+            for (int j = 0; j < n; j++) {
+                float dsj = ds[j], pj = p[j];
+                a0 += dsj * k_0[j], a1 += dsj * k_1[j], a2 += dsj * k_2[j], a3 += dsj * k_3[j];
+                dk_0[j] += dsj * q_0, dk_1[j] += dsj * q_1, dk_2[j] += dsj * q_2, dk_3[j] += dsj * q_3;
+                dv_0[j] += pj * do_0, dv_1[j] += pj * do_1, dv_2[j] += pj * do_2, dv_3[j] += pj * do_3;
+            }
+            dqi[d] = a0, dqi[d + 1] = a1, dqi[d + 2] = a2, dqi[d + 3] = a3;
+        }
+        for (; d < hd; d++) {
+            const float *krow = k0 + d * S;
+            float *dkrow = dkt + d * S + lo, *dvrow = dvt + d * S + lo;
             float qd = qi[d], dod = doi[d], acc = 0.f;
             #pragma omp simd reduction(+:acc)
             for (int j = 0; j < n; j++) {
@@ -102,7 +150,7 @@ static inline __attribute__((always_inline)) void backward_slice(const float *q,
                 dkrow[j] += ds[j] * qd;
                 dvrow[j] += p[j] * dod;
             }
-            dq[(size_t)i * hd + d] = acc;
+            dqi[d] = acc;
         }
     }
 }
@@ -116,14 +164,14 @@ void tinylm_attention_forward(const float *q, const float *k, const float *v, fl
                               int hd, int window) {
     #pragma omp parallel
     {
-        size_t slice = (size_t)hd * T;
+        size_t S = row_stride(T), slice = (size_t)hd * S;
         float *kt = malloc(sizeof(float) * (2 * slice + T)), *vt = kt + slice, *p = vt + slice;
         #pragma omp for schedule(dynamic)
         for (int bh = 0; bh < BH; bh++) {
             size_t base = (size_t)bh * T * hd;
-            transpose(kt, k + base, T, hd);
-            transpose(vt, v + base, T, hd);
-#define FORWARD(HD) forward_slice(q + base, kt, vt, out + base, lse + (size_t)bh * T, p, T, HD, window)
+            to_rows(kt, k + base, T, hd, S);
+            to_rows(vt, v + base, T, hd, S);
+#define FORWARD(HD) forward_slice(q + base, kt, vt, out + base, lse + (size_t)bh * T, p, T, S, HD, window)
             FOR_HEAD_SIZES(FORWARD)
         }
         free(kt);
@@ -137,20 +185,20 @@ void tinylm_attention_backward(const float *q, const float *k, const float *v, c
                                const float *dout, float *dq, float *dk, float *dv, int BH, int T, int hd, int window) {
     #pragma omp parallel
     {
-        size_t slice = (size_t)hd * T;
+        size_t S = row_stride(T), slice = (size_t)hd * S;
         float *kt = malloc(sizeof(float) * (4 * slice + 2 * (size_t)T));
         float *vt = kt + slice, *dkt = vt + slice, *dvt = dkt + slice, *p = dvt + slice, *ds = p + T;
         #pragma omp for schedule(dynamic)
         for (int bh = 0; bh < BH; bh++) {
             size_t base = (size_t)bh * T * hd;
-            transpose(kt, k + base, T, hd);
-            transpose(vt, v + base, T, hd);
+            to_rows(kt, k + base, T, hd, S);
+            to_rows(vt, v + base, T, hd, S);
             memset(dkt, 0, sizeof(float) * 2 * slice);  // dkt and dvt
 #define BACKWARD(HD) backward_slice(q + base, kt, vt, out + base, lse + (size_t)bh * T, dout + base, dq + base, \
-                                    dkt, dvt, p, ds, T, HD, window)
+                                    dkt, dvt, p, ds, T, S, HD, window)
             FOR_HEAD_SIZES(BACKWARD)
-            transpose(dk + base, dkt, hd, T);
-            transpose(dv + base, dvt, hd, T);
+            from_rows(dk + base, dkt, T, hd, S);
+            from_rows(dv + base, dvt, T, hd, S);
         }
         free(kt);
     }

@@ -21,8 +21,9 @@ from generation import GenerationMixin, KVCache
 ATTENTION_TYPES = ("global", "local", "mixed")
 CPU_QUERY_CHUNK = 64  # see SelfAttention._attend
 # Training attention on CPU in fp32 runs attention.c (native.native_attention) up to this head size, where it beats
-# scaled_dot_product_attention (a 2-layer model's forward + backward at batch 8 x 512: 1.7-1.8x at head size 4,
-# 1.2-1.4x at 8, 0.92x at 16); 0 turns it off
+# scaled_dot_product_attention (a 2-layer model's forward + backward at batch 8 x 512: 2.0x at head size 4, 1.3-1.4x
+# at 8, 1.00-1.06x at 16, where whole training steps of TinyStories-8M and the quickstart came out 0.92-1.07x);
+# 0 turns it off
 NATIVE_ATTENTION_MAX_HEAD_DIM = 8
 
 
