@@ -25,7 +25,8 @@ typedef struct {
     // global (2, B, n_head - nl, hd, max_len) and local ring (2, B, nl, hd, min(window_size, max_len)), or NULL
     float **global_kv, **local_kv;
     float *scratch;  // (7 * n_embd + n_inner + max_len + batch_size * n_embd) floats
-    // For greedy decoding (else NULL): wte rounded to bf16 in tiles (see lm_head_candidates), its rows' L2 norms (vocab_size)
+    // For greedy decoding (else NULL): wte rounded to bf16 in tiles (see lm_head_candidates), and its rows' L2
+    // norms (vocab_size)
     const unsigned short *wte_bf16;
     const float *wte_norms;
 } Model;
@@ -97,16 +98,20 @@ static float gelu_new(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-// logits (B, V) = hidden (B, C) @ wte.T: the step's largest cost (it reads all of wte), split over all cores.
+// out[lo..hi) of one row's logits (lo a multiple of 4, hi a multiple of 4 or V): dot4 on rows in aligned fours,
+// dot on the last V % 4, split over all cores. The one way decode.c computes fp32 logits, so
+// lm_head_candidates gives lm_head's numbers.
+static void exact_rows(const Model *m, const float *h, float *out, int lo, int hi) {
+    int C = m->n_embd, fours = m->vocab_size - m->vocab_size % 4, end = hi < fours ? hi : fours;
+    #pragma omp parallel for schedule(static)
+    for (int r = lo; r < end; r += 4) dot4(out + r, m->wte + (size_t)r * C, h, C);
+    for (int r = end > lo ? end : lo; r < hi; r++) out[r] = dot(m->wte + (size_t)r * C, h, C);
+}
+
+// logits (B, V) = hidden (B, C) @ wte.T: the step's largest cost (it reads all of wte)
 static void lm_head(const Model *m, const float *hidden, float *logits) {
-    int C = m->n_embd, V = m->vocab_size;
-    for (int b = 0; b < m->batch_size; b++) {
-        const float *h = hidden + (size_t)b * C;
-        float *out = logits + (size_t)b * V;
-        #pragma omp parallel for schedule(static)
-        for (int r = 0; r < V - 3; r += 4) dot4(out + r, m->wte + (size_t)r * C, h, C);
-        for (int r = V - V % 4; r < V; r++) out[r] = dot(m->wte + (size_t)r * C, h, C);
-    }
+    for (int b = 0; b < m->batch_size; b++)
+        exact_rows(m, hidden + (size_t)b * m->n_embd, logits + (size_t)b * m->vocab_size, 0, m->vocab_size);
 }
 
 #define TILE_ROWS 64
@@ -129,17 +134,6 @@ static void tile_dot_bf16(float *out, const unsigned short *tile, const float *x
         for (int l = 0; l < TILE_ROWS; l++) acc[l] += xi * bf16_to_float(w[l]);
     }
     memcpy(out, acc, sizeof acc);
-}
-
-// out[lo..hi) as lm_head computes them: dot4 on rows in aligned fours, dot on the last V % 4
-static void exact_rows(const Model *m, const float *h, float *out, int lo, int hi) {
-    int C = m->n_embd, V = m->vocab_size;
-    for (int r = lo; r < hi; r += 4) {
-        if (r + 4 <= V - V % 4)
-            dot4(out + r, m->wte + (size_t)r * C, h, C);
-        else
-            for (int j = r; j < hi; j++) out[j] = dot(m->wte + (size_t)j * C, h, C);
-    }
 }
 
 // What greedy decoding needs of lm_head, reading half its bytes: the fp32 logits that could be the largest,
@@ -178,7 +172,7 @@ static void lm_head_candidates(const Model *m, const float *hidden, float *logit
         for (int r = 0; r < tiled; r += 4) {
             int candidate = 0;
             for (int j = r; j < r + 4; j++) candidate |= out[j] + scale * m->wte_norms[j] >= top_low;
-            if (candidate)
+            if (candidate)  // as exact_rows computes these four
                 dot4(out + r, m->wte + (size_t)r * C, h, C);
             else
                 out[r] = out[r + 1] = out[r + 2] = out[r + 3] = -INFINITY;

@@ -7,9 +7,9 @@ attention (attention.c).
 decode.c computes what GPTNeo.decode_step computes (fp32, eval mode, any mix of local and global heads), with
 no per-operation overhead: for TinyStories-1M a token costs about half of the compiled PyTorch step.
 attention.c computes causal attention, global or local, forward and backward (native_attention), which
-SelfAttention runs in fp32 on CPU at small head sizes. Each file is compiled with the system's C compiler (`cc`, or $CC) once per
-machine (about a second) and kept in ~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the source, the compiler,
-the flags and the CPU; without a compiler, PyTorch's own operations run instead."""
+SelfAttention runs in fp32 on CPU at small head sizes. Each file is compiled with the system's C compiler (`cc`,
+or $CC) once per machine (about a second) and kept in ~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the
+source, the compiler, the flags and the CPU; without a compiler, PyTorch's own operations run instead."""
 
 import ctypes
 import functools
@@ -94,20 +94,20 @@ def cache_folder() -> str:
 def build_key(cc: str, flags: list[str], source: str) -> str:
     """What the compiled library depends on: the source, the compiler and its version, the flags, and the machine
     (its architecture and CPU features: -march=native code may not run on another CPU sharing the home folder)."""
-    return hashlib.sha256(toolchain(cc, source) + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
+    with open(source, "rb") as f:
+        text = f.read()
+    return hashlib.sha256(text + b"\0" + toolchain(cc) + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
 
 
 @functools.cache
-def toolchain(cc: str, source: str) -> bytes:
-    """The source, compiler, version and machine, read once per process whatever flags are tried."""
+def toolchain(cc: str) -> bytes:
+    """The compiler, its version and the machine, asked once per process whatever file and flags are built."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     cpu = ""
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    with open(source, "rb") as f:
-        text = f.read()
-    return b"\0".join([text, cc.encode(), version.encode(), platform.machine().encode(), cpu.encode()])
+    return b"\0".join([cc.encode(), version.encode(), platform.machine().encode(), cpu.encode()])
 
 
 def cached_build(cc: str, flags: list[str], source: str) -> tuple[ctypes.CDLL | None, str]:

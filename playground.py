@@ -157,8 +157,8 @@ def story_events(playground: Playground, request: dict):
         probs = logits[0].float().softmax(-1)  # what the model gave each token, before temperature and filters
         best = probs.topk(TOP)
         ids = ids + [token]
-        yield {"id": token, "text": new_text(token), "p": round(probs[token].item(), 5), "eos": token == tokenizer.eos_token_id,
-               "top": [[tokenizer.decode([i]), round(p, 5), i] for p, i in zip(best.values.tolist(),
+        yield {"id": token, "text": new_text(token), "p": round(probs[token].item(), 5),
+               "eos": token == tokenizer.eos_token_id, "top": [[tokenizer.decode([i]), round(p, 5), i] for p, i in zip(best.values.tolist(),
                                                                                 best.indices.tolist())]}
     yield {"done": True, "tokens": len(ids) - idx.size(1), "seconds": round(time.perf_counter() - started, 3)}
 

@@ -64,7 +64,8 @@ class Tokenizer:
         self.backend_tokenizer.save(os.path.join(folder, "tokenizer.json"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT,
-                       "unk_token": EOT, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}, f, indent=2)
+                       "unk_token": EOT, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False},
+                      f, indent=2)
 
     def __repr__(self):
         return f"Tokenizer({len(self)} tokens, end of text {self.eos_token_id})"
