@@ -25,6 +25,10 @@ CPU_QUERY_CHUNK = 64  # see SelfAttention._attend
 # at 8, 1.00-1.06x at 16, where whole training steps of TinyStories-8M and the quickstart came out 0.92-1.07x);
 # 0 turns it off
 NATIVE_ATTENTION_MAX_HEAD_DIM = 8
+# Training's LM head and loss on CPU in fp32 runs lmhead.c (native.native_lm_head_cross_entropy) at widths that are
+# multiples of 64 up to this, where it beats the blocked PyTorch path (fwd + bwd of 4096 tokens: 1.4-1.5x at width
+# 64 and vocab 50257 or 10000, 1.1-1.2x at 128; a tie at 128 with vocab 4000, 0.9x at 192 and 256); 0 turns it off
+NATIVE_LM_HEAD_MAX_WIDTH = 128
 
 
 @dataclass
@@ -365,6 +369,8 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
     wide_low = low and h.size(1) >= 256
     rows = rows or ((1024 if wide_low else 512) if cpu else max(1, 2 ** 26 // weight.size(0)))
     vocab_block = vocab_block or ((1024 if wide_low else 2048) if cpu else weight.size(0))
+    if training and not low and native_lm_head_runs(h, weight):
+        return _NativeLMHeadCrossEntropy.apply(h, weight, targets)
     if training:
         # Recompute each block's logits for the gradient pass (a third more matmul work) when keeping a row
         # chunk's logits would overflow the cache (over 64 MB) and the matmuls are cheap next to sending every
@@ -383,6 +389,35 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
             row_max, sum_exp = _row_logsumexp(hc, w, vocab_block, total.dtype)
             total += ((row_max + sum_exp.log())[:, 0] - (hc * w[tc]).sum(dim=1))[valid[s:s + rows]].sum()
     return total / valid.sum().clamp(min=1)
+
+
+def native_lm_head_runs(h, weight) -> bool:
+    """Whether lmhead.c runs the LM head and loss of training: fp32 on CPU, a width it wins at, a C compiler, and not
+    under torch.compile."""
+    width = h.size(1)
+    if (h.device.type != "cpu" or h.dtype != torch.float32 or weight.dtype != torch.float32 or width % 64
+            or width > NATIVE_LM_HEAD_MAX_WIDTH or torch.compiler.is_compiling()):
+        return False
+    from native import build_library
+
+    return build_library("lmhead")[0] is not None
+
+
+class _NativeLMHeadCrossEntropy(torch.autograd.Function):
+    """lm_head_cross_entropy by lmhead.c: forward computes the loss and both gradients, backward scales them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        from native import native_lm_head_cross_entropy
+
+        loss, grad_h, grad_w = native_lm_head_cross_entropy(h.detach(), weight.detach(), targets)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None
 
 
 def _exp_logit_blocks(hc, w, vocab_block: int, dtype=None):

@@ -1,5 +1,5 @@
-"""Native code on CPU, called through ctypes: TinyLM's per-token decoding step (decode.c) and its training
-attention (attention.c).
+"""Native code on CPU, called through ctypes: TinyLM's per-token decoding step (decode.c), its training
+attention (attention.c) and its training LM head with the loss (lmhead.c).
 
     from native import native_decode_step
     out = model.generate(idx, 200, temperature=0, step=native_decode_step(model))
@@ -7,7 +7,8 @@ attention (attention.c).
 decode.c computes what GPTNeo.decode_step computes (fp32, eval mode, any mix of local and global heads), with
 no per-operation overhead: for TinyStories-1M a token costs about half of the compiled PyTorch step.
 attention.c computes causal attention, global or local, forward and backward (native_attention), which
-SelfAttention runs in fp32 on CPU at small head sizes. Each file is compiled with the system's C compiler (`cc`,
+SelfAttention runs in fp32 on CPU at small head sizes; lmhead.c computes the LM head's cross-entropy and its
+gradients (native_lm_head_cross_entropy), which lm_head_cross_entropy runs in fp32 on CPU at small widths. Each file is compiled with the system's C compiler (`cc`,
 or $CC) once per machine (about a second) and kept in ~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the
 source, the compiler, the flags and the CPU; without a compiler, PyTorch's own operations run instead."""
 
@@ -21,10 +22,11 @@ import subprocess
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Each C file and a function its library must export: decode.c (generation) and attention.c (training)
-SOURCES = {"decode": "tinylm_decode_step", "attention": "tinylm_attention_forward"}
+# Each C file and a function its library must export: decode.c (generation), attention.c and lmhead.c (training)
+SOURCES = {"decode": "tinylm_decode_step", "attention": "tinylm_attention_forward", "lmhead": "tinylm_lm_head_lse"}
 CACHE_ENV = "TINYLM_CACHE"  # relocates the compiled-library cache (default: ~/.cache/tinylm)
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
@@ -77,7 +79,9 @@ def declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
     functions = {"tinylm_decode_step": [ctypes.POINTER(_Model), pointer, i64, pointer],
                  "tinylm_attention_forward": [pointer] * 5 + [i32] * 4,
-                 "tinylm_attention_backward": [pointer] * 9 + [i32] * 4}
+                 "tinylm_attention_backward": [pointer] * 9 + [i32] * 4,
+                 "tinylm_lm_head_lse": [pointer] * 2 + [i32] * 3 + [pointer],
+                 "tinylm_lm_head_backward": [pointer] * 5 + [i32] * 3 + [pointer] * 2}
     for name, argtypes in functions.items():
         if hasattr(library, name):
             getattr(library, name).argtypes = argtypes
@@ -264,6 +268,32 @@ class _Attention(torch.autograd.Function):
         load_library("attention").tinylm_attention_backward(*_addresses(q, k, v, out, lse, grad_out, dq, dk, dv),
                                                             B * nh, T, hd, ctx.window)
         return dq, dk, dv, None
+
+
+def native_lm_head_cross_entropy(h, weight, targets):
+    """(loss, d loss / d h, d loss / d weight) of cross_entropy(h @ weight.T, targets, ignore_index=-100) for h (N,
+    C) and weight (V, C), fp32 on CPU with C a multiple of 64, by lmhead.c: each tile of logits is made and used in
+    registers and L1 cache, never written out. RuntimeError where lmhead.c cannot be built."""
+    library = load_library("lmhead")
+    N, C = h.shape
+    pad = -N % 8  # lmhead.c's tiles are 8 rows; padded rows have weight 0
+    h, weight = F.pad(h.contiguous(), (0, 0, 0, pad)), weight.contiguous()
+    valid = F.pad(targets != -100, (0, pad))
+    scale = valid / valid.sum().clamp(min=1)  # (N,) each row's weight in the mean
+    tiles = -(-weight.size(0) // 16)  # weight's rows sixteen at a time, transposed: (tiles, C, 16)
+    wt = F.pad(weight, (0, 0, 0, 16 * tiles - weight.size(0))).view(tiles, 16, C).transpose(1, 2).contiguous()
+    lse = h.new_empty(N + pad)
+    library.tinylm_lm_head_lse(*_addresses(h, wt), N + pad, C, weight.size(0), lse.data_ptr())
+    target = F.pad(targets, (0, pad)).clamp(min=0)
+    target_w = weight[target]  # (N + pad, C)
+    loss = (scale * (lse - (h * target_w).sum(dim=1))).sum()
+    grad_h, grad_w = torch.zeros_like(h), torch.empty_like(weight)
+    library.tinylm_lm_head_backward(*_addresses(h, weight, wt, lse, scale), N + pad, C, weight.size(0),
+                                    *_addresses(grad_h, grad_w))
+    # the targets' terms: d/d logit_rt = -scale_r
+    grad_h -= scale[:, None] * target_w
+    grad_w.index_add_(0, target, -scale[:, None] * h)
+    return loss, grad_h[:N], grad_w
 
 
 def _addresses(*tensors):

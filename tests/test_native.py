@@ -11,7 +11,7 @@ from hf_weights import hf_to_tinylm_state_dict
 from model import GPTNeo, GPTNeoConfig
 import model as model_module
 import native
-from native import load_library, native_attention, native_decode_step
+from native import load_library, native_attention, native_decode_step, native_lm_head_cross_entropy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -225,3 +225,53 @@ def test_a_model_trains_the_same_with_native_attention_and_without(monkeypatch):
     monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
     torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: scaled_dot_product_attention
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("N, C, V, spread", [(37, 64, 1000, 1.0), (64, 128, 300, 1.0), (5, 64, 17, 1.0),
+                                             (40, 64, 700, 40.0)])
+def test_native_lm_head_gives_the_loss_and_gradients_of_cross_entropy(N, C, V, spread):
+    # rows not a multiple of lmhead.c's 8, vocabularies not a multiple of its 16 or 256, ignored targets; spread 40
+    # puts logits in the hundreds, whose row maxima rise from block to block (the running sum's rescaling)
+    gen = torch.Generator().manual_seed(N + V)
+    h, w = torch.randn(N, C, generator=gen), torch.randn(V, C, generator=gen) * spread / C ** 0.5
+    w[V // 2:] *= 2  # later blocks hold the larger logits
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[::3] = -100
+    loss, grad_h, grad_w = native.native_lm_head_cross_entropy(h, w, targets)
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(hd @ wd.t(), targets)
+    ref.backward()
+    hf, wf = h.clone().requires_grad_(), w.clone().requires_grad_()
+    fp32 = F.cross_entropy(hf @ wf.t(), targets)  # the yardstick: PyTorch's fp32 error against fp64
+    fp32.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, plain, want in ((grad_h, hf.grad, hd.grad), (grad_w, wf.grad, wd.grad)):
+        error, plain_error = ((got.double() - want).abs().max().item(), (plain.double() - want).abs().max().item())
+        assert error <= 2 * plain_error + 1e-7 * want.abs().max().item()
+    loss, grad_h, grad_w = native.native_lm_head_cross_entropy(h, w, torch.full((N,), -100))
+    assert loss.item() == 0 and not grad_h.any() and not grad_w.any()  # nothing to predict
+
+
+def test_a_model_trains_the_same_with_the_native_lm_head_and_without(monkeypatch):
+    config = GPTNeoConfig(vocab_size=300, max_position_embeddings=24, n_layer=1, n_head=4, n_embd=64)
+    model = GPTNeo(config)
+    idx = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(native, "native_lm_head_cross_entropy",
+                        lambda *a: calls.append(1) or native_lm_head_cross_entropy(*a))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(idx, idx)[1]
+        loss.backward()
+        return [loss] + [p.grad.clone() for p in model.parameters()]
+    with_native = loss_and_grads()
+    assert len(calls) == 1
+    monkeypatch.setattr(model_module, "NATIVE_LM_HEAD_MAX_WIDTH", 0)
+    without = loss_and_grads()
+    for a, b in zip(with_native, without):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(model_module, "NATIVE_LM_HEAD_MAX_WIDTH", 128)
+    monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
+    torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: the blocked PyTorch path
+    assert len(calls) == 1
