@@ -176,3 +176,53 @@ void tinylm_lm_head_backward(const float *h, const float *w, const float *wt, co
         free(buf);
     }
 }
+
+// Under bf16 mixed precision the LM head's products run in PyTorch (on AMX where the CPU has it) and give bf16
+// blocks of logits; these two make each block's fp32 softmax work one pass over it instead of four (convert,
+// max, subtract and exp, sum, and convert back), as lm_head_cross_entropy's blocked path does in PyTorch.
+static inline float from_bf16(unsigned short x) {
+    unsigned int bits = (unsigned int)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline unsigned short to_bf16(float f) {  // round to nearest even, as PyTorch's conversion
+    unsigned int bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// logits (n, vb) bf16, row stride ld: row_max (n) and row_sum (n), each row's running max and sum of
+// exp(logit - max) over the blocks so far, take this block in
+void tinylm_lse_update_bf16(const unsigned short *logits, int n, int vb, int ld, float *row_max, float *row_sum) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < n; r++) {
+        const unsigned short *row = logits + (size_t)r * ld;
+        float mx = -INFINITY, sum = 0.f, old = row_max[r];
+        #pragma omp simd reduction(max:mx)
+        for (int j = 0; j < vb; j++) {
+            float x = from_bf16(row[j]);
+            mx = x > mx ? x : mx;
+        }
+        if (mx > old) {
+            row_sum[r] *= exp_clamped(old - mx);
+            row_max[r] = old = mx;
+        }
+        #pragma omp simd reduction(+:sum)
+        for (int j = 0; j < vb; j++) sum += exp_clamped(from_bf16(row[j]) - old);
+        row_sum[r] += sum;
+    }
+}
+
+// out (n, vb) bf16 = exp(logits - row_max) for logits (n, vb) bf16; both of row stride ld, out may be logits
+void tinylm_exp_bf16(const unsigned short *logits, int n, int vb, int ld, const float *row_max, unsigned short *out) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < n; r++) {
+        const unsigned short *row = logits + (size_t)r * ld;
+        unsigned short *dst = out + (size_t)r * ld;
+        float m = row_max[r];
+        #pragma omp simd
+        for (int j = 0; j < vb; j++) dst[j] = to_bf16(exp_clamped(from_bf16(row[j]) - m));
+    }
+}

@@ -81,7 +81,9 @@ def declare(library: ctypes.CDLL) -> ctypes.CDLL:
                  "tinylm_attention_forward": [pointer] * 5 + [i32] * 4,
                  "tinylm_attention_backward": [pointer] * 9 + [i32] * 4,
                  "tinylm_lm_head_lse": [pointer] * 2 + [i32] * 3 + [pointer],
-                 "tinylm_lm_head_backward": [pointer] * 5 + [i32] * 3 + [pointer] * 2}
+                 "tinylm_lm_head_backward": [pointer] * 5 + [i32] * 3 + [pointer] * 2,
+                 "tinylm_lse_update_bf16": [pointer] + [i32] * 3 + [pointer] * 2,
+                 "tinylm_exp_bf16": [pointer] + [i32] * 3 + [pointer] * 2}
     for name, argtypes in functions.items():
         if hasattr(library, name):
             getattr(library, name).argtypes = argtypes
@@ -294,6 +296,30 @@ def native_lm_head_cross_entropy(h, weight, targets):
     grad_h -= scale[:, None] * target_w
     grad_w.index_add_(0, target, -scale[:, None] * h)
     return loss, grad_h[:N], grad_w
+
+
+class _Bf16Softmax:
+    """lmhead.c's passes over a bf16 block of logits (n, vb), contiguous, with fp32 row statistics (n, 1)."""
+
+    def __init__(self, library):
+        self.library = library
+
+    def lse_update(self, logits, row_max, row_sum):
+        """row_max and row_sum (running max, sum of exp(logit - max)) take in the block, in place."""
+        n, vb = logits.shape
+        self.library.tinylm_lse_update_bf16(logits.data_ptr(), n, vb, vb, *_addresses(row_max, row_sum))
+
+    def exp_(self, logits, row_max):
+        """exp(logits - row_max) rounded to bf16, in place; returns logits."""
+        n, vb = logits.shape
+        self.library.tinylm_exp_bf16(logits.data_ptr(), n, vb, vb, row_max.data_ptr(), logits.data_ptr())
+        return logits
+
+
+def bf16_softmax_kernels() -> _Bf16Softmax | None:
+    """lmhead.c's bf16 softmax passes, or None where it cannot be built (PyTorch's operations run instead)."""
+    library = build_library("lmhead")[0]
+    return None if library is None else _Bf16Softmax(library)
 
 
 def _addresses(*tensors):

@@ -10,7 +10,7 @@ from transformers import GPTNeoForCausalLM
 
 from conftest import DEVICE, FP32_TOLERANCE
 from hf_weights import hf_to_tinylm_state_dict
-from model import GPTNeo, GPTNeoConfig, _LMHeadCrossEntropy, lm_head_cross_entropy
+from model import GPTNeo, GPTNeoConfig
 
 # TinyStories-1M as released, and an odd small shape: 3 heads of 8, MLP 40 wide, window 7.
 SHAPES = {
@@ -153,29 +153,6 @@ def test_mixed_precision_gradients_match_fp32_within_bf16_rounding():
     assert min(errors.values()) > 1e-4, "the bf16 path computed exactly what fp32 does: it did not run in bf16"
 
 
-def test_mixed_precision_lm_head_multiplies_in_bf16_and_takes_the_softmax_in_fp32():
-    # under autocast the fused LM head multiplies in bf16 (nanoGPT's autocast does the same), then takes the
-    # softmax and the loss in fp32: the loss and gradients are fp32, within bf16 rounding of the exact ones
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(40, 16, generator=g, requires_grad=True)
-    w = torch.randn(50, 16, generator=g, requires_grad=True)
-    targets = torch.randint(0, 50, (40,), generator=g)
-    targets[:3] = -100
-    exact = F.cross_entropy(h @ w.t(), targets)
-    exact_grads = torch.autograd.grad(exact, (h, w))
-    for recompute in (False, True):  # blocks kept for the gradient pass, or recomputed (large vocabularies)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = _LMHeadCrossEntropy.apply(h, w, targets, 16, 32, torch.bfloat16, recompute)
-        assert loss.dtype == torch.float32 and loss.item() != exact.item()
-        torch.testing.assert_close(loss, exact, rtol=4e-3, atol=0)
-        for got, want in zip(torch.autograd.grad(loss, (h, w)), exact_grads):
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # what training calls picks the same bf16 products
-        loss = lm_head_cross_entropy(h, w, targets, rows=16, vocab_block=32)
-    torch.testing.assert_close(loss, exact, rtol=4e-3, atol=0)
-
-
 def test_loss_without_grad_equals_cross_entropy_of_logits():
     model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=16, max_position_embeddings=32)))
     idx = torch.randint(0, 300, (2, 32))
@@ -185,27 +162,6 @@ def test_loss_without_grad_equals_cross_entropy_of_logits():
         logits, _ = model(idx)
         _, loss = model(idx, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten()), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("rows, vocab_block", [(5, 7), (64, 2048)])
-def test_blocked_lm_head_cross_entropy_equals_cross_entropy(rows, vocab_block):
-    # Several row chunks and vocab blocks, both with a short last one, and ignored targets.
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(23, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 30, (23,), generator=g)
-    targets[[0, 6, 7, 22]] = -100
-    ref = F.cross_entropy(h @ w.t(), targets, ignore_index=-100)
-    ref_grads = torch.autograd.grad(ref, (h, w))
-    for recompute in (False, True):  # blocks kept for the gradient pass, or recomputed (large vocabularies)
-        loss = _LMHeadCrossEntropy.apply(h, w, targets, rows, vocab_block, None, recompute)
-        grads = torch.autograd.grad(loss, (h, w))
-        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-        for got, want in zip(grads, ref_grads):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(lm_head_cross_entropy(h, w, targets, rows, vocab_block), ref, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        torch.testing.assert_close(lm_head_cross_entropy(h, w, targets, rows, vocab_block), ref, rtol=1e-12, atol=1e-12)
 
 
 def reference_attention_forward(model: GPTNeo, idx):

@@ -9,6 +9,7 @@ from transformers import GPTNeoForCausalLM
 from generation import KVCache
 from hf_weights import hf_to_tinylm_state_dict
 from model import GPTNeo, GPTNeoConfig
+import lm_head
 import model as model_module
 import native
 from native import load_library, native_attention, native_decode_step, native_lm_head_cross_entropy
@@ -267,11 +268,33 @@ def test_a_model_trains_the_same_with_the_native_lm_head_and_without(monkeypatch
         return [loss] + [p.grad.clone() for p in model.parameters()]
     with_native = loss_and_grads()
     assert len(calls) == 1
-    monkeypatch.setattr(model_module, "NATIVE_LM_HEAD_MAX_WIDTH", 0)
+    monkeypatch.setattr(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", 0)
     without = loss_and_grads()
     for a, b in zip(with_native, without):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(model_module, "NATIVE_LM_HEAD_MAX_WIDTH", 128)
+    monkeypatch.setattr(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", 128)
     monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
     torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: the blocked PyTorch path
     assert len(calls) == 1
+
+
+def test_bf16_softmax_passes_give_what_pytorch_operations_give(monkeypatch):
+    # mixed precision with recomputed blocks (large vocabularies): lmhead.c's passes over the bf16 logits against
+    # PyTorch's convert, max, exp and sum; logits in the tens, whose maxima rise from block to block
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 32, generator=gen).requires_grad_()
+    w = (torch.randn(300, 32, generator=gen) * torch.linspace(0.5, 3, 300)[:, None]).requires_grad_()
+    targets = torch.randint(0, 300, (50,), generator=gen)
+    targets[::4] = -100
+    calls = []
+    monkeypatch.setattr(native, "bf16_softmax_kernels", lambda k=native.bf16_softmax_kernels: calls.append(1) or k())
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_head._LMHeadCrossEntropy.apply(h, w, targets, 16, 64, torch.bfloat16, True)
+        return [loss, *torch.autograd.grad(loss, (h, w))]
+    with_native = loss_and_grads()
+    assert calls
+    monkeypatch.setattr(native, "bf16_softmax_kernels", lambda: None)
+    for got, want in zip(with_native, loss_and_grads()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
