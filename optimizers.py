@@ -79,7 +79,9 @@ def make_optimizer(model: GPTNeo, t: TrainConfig, device) -> Optimizers:
     matrices, rest = [], []
     for name, p in model.named_parameters():
         (matrices if p.dim() == 2 and not name.startswith(("wte", "wpe")) else rest).append(p)
-    fused = torch.device(device).type == "cuda"
+    # one kernel over all parameters: on CPU 17 ms a step for TinyStories-8M's 20M parameters, against 85-95 ms for
+    # the default (foreach) implementation
+    fused = torch.device(device).type in ("cuda", "cpu")
     if t.optimizer == "muon":
         muon = torch.optim.Muon(matrices, lr=t.muon_lr, weight_decay=t.weight_decay, momentum=t.muon_momentum)
         adamw = torch.optim.AdamW(rest, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=0.0, fused=fused)

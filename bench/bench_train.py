@@ -64,7 +64,7 @@ def train_step_fn(model, loss_of, tokens, args, device, dtype: str):
     opt = make_optimizer(model, TrainConfig(), device) if isinstance(model, GPTNeo) else torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.dim() == 2], "weight_decay": 0.1},
          {"params": [p for p in model.parameters() if p.dim() != 2], "weight_decay": 0.0}], lr=1e-3,
-        betas=(0.9, 0.95), fused=device.type == "cuda")
+        betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))  # the implementation train.py's AdamW uses
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     model.train()
     step = 0
