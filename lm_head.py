@@ -25,9 +25,10 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
     matmul_dtype = torch.get_autocast_dtype(h.device.type) if autocast else None
     low = matmul_dtype is not None and matmul_dtype.itemsize < 4  # bf16 (or fp16) products
     # On CPU, blocks of 2^20 logits (4 MB in fp32). bf16 matmuls 256 wide or more run the LM head 14% faster
-    # with 1024 rows x 1024 entries than with 512 x 2048 (TinyStories-8M; no difference at widths 64-192).
+    # with 1024 rows x 1024 entries than with 512 x 2048 (TinyStories-8M; no difference at widths 64-192), and
+    # with lmhead.c's softmax passes 2048 rows run it 10-15% faster again (half the (rows, C) products to add up).
     wide_low = low and h.size(1) >= 256
-    rows = rows or ((1024 if wide_low else 512) if cpu else max(1, 2 ** 26 // weight.size(0)))
+    rows = rows or ((2048 if wide_low else 512) if cpu else max(1, 2 ** 26 // weight.size(0)))
     vocab_block = vocab_block or ((1024 if wide_low else 2048) if cpu else weight.size(0))
     if training and not low and native_lm_head_runs(h, weight):
         return _NativeLMHeadCrossEntropy.apply(h, weight, targets)
