@@ -201,6 +201,14 @@ def test_native_attention_gives_sdpa_outputs_and_gradients(B, nh, T, hd, window)
         torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5 * (1 + want.abs().max().item()))
 
 
+def model_loss_and_grads(model, idx):
+    """[the loss of predicting idx from itself, then every parameter's gradient]"""
+    model.zero_grad()
+    loss = model(idx, idx)[1]
+    loss.backward()
+    return [loss] + [p.grad.clone() for p in model.parameters()]
+
+
 def test_a_model_trains_the_same_with_native_attention_and_without(monkeypatch):
     # every layer kind: global, local (window 5 of 24 tokens), and both in one layer; head size 4
     config = GPTNeoConfig(vocab_size=60, max_position_embeddings=24, n_layer=3, n_head=4, n_embd=16, window_size=5,
@@ -211,10 +219,7 @@ def test_a_model_trains_the_same_with_native_attention_and_without(monkeypatch):
     monkeypatch.setattr(native, "native_attention", lambda *a: calls.append(1) or native_attention(*a))
 
     def loss_and_grads():
-        model.zero_grad()
-        loss = model(idx, idx)[1]
-        loss.backward()
-        return [loss] + [p.grad.clone() for p in model.parameters()]
+        return model_loss_and_grads(model, idx)
     with_native = loss_and_grads()
     assert len(calls) == 4  # one global, one local, both kinds in the third layer
     monkeypatch.setattr(model_module, "NATIVE_ATTENTION_MAX_HEAD_DIM", 0)
@@ -262,10 +267,7 @@ def test_a_model_trains_the_same_with_the_native_lm_head_and_without(monkeypatch
                         lambda *a: calls.append(1) or native_lm_head_cross_entropy(*a))
 
     def loss_and_grads():
-        model.zero_grad()
-        loss = model(idx, idx)[1]
-        loss.backward()
-        return [loss] + [p.grad.clone() for p in model.parameters()]
+        return model_loss_and_grads(model, idx)
     with_native = loss_and_grads()
     assert len(calls) == 1
     monkeypatch.setattr(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", 0)
