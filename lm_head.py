@@ -55,13 +55,11 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
 def native_lm_head_runs(h, weight) -> bool:
     """Whether lmhead.c runs the LM head and loss of training: fp32 on CPU, a width it wins at, a C compiler, and not
     under torch.compile."""
-    width = h.size(1)
-    if (h.device.type != "cpu" or h.dtype != torch.float32 or weight.dtype != torch.float32 or width % 64
-            or width > NATIVE_LM_HEAD_MAX_WIDTH or torch.compiler.is_compiling()):
+    if h.size(1) % 64 or h.size(1) > NATIVE_LM_HEAD_MAX_WIDTH:
         return False
-    from native import build_library
+    from native import trains_natively
 
-    return build_library("lmhead")[0] is not None
+    return trains_natively("lmhead", h, weight)
 
 
 class _NativeLMHeadCrossEntropy(torch.autograd.Function):

@@ -246,12 +246,11 @@ class SelfAttention(nn.Module):
 def native_attention_runs(q) -> bool:
     """Whether attention.c runs q's attention: fp32 on CPU, a head size it wins at, a C compiler to build it (once
     per machine, see native.py), and not under torch.compile (which cannot trace a C call)."""
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or q.size(-1) > NATIVE_ATTENTION_MAX_HEAD_DIM
-            or torch.compiler.is_compiling()):
+    if q.size(-1) > NATIVE_ATTENTION_MAX_HEAD_DIM:
         return False
-    from native import build_library
+    from native import trains_natively
 
-    return build_library("attention")[0] is not None
+    return trains_natively("attention", q)
 
 
 class MLP(nn.Module):

@@ -8,9 +8,10 @@ decode.c computes what GPTNeo.decode_step computes (fp32, eval mode, any mix of 
 no per-operation overhead: for TinyStories-1M a token costs about half of the compiled PyTorch step.
 attention.c computes causal attention, global or local, forward and backward (native_attention), which
 SelfAttention runs in fp32 on CPU at small head sizes; lmhead.c computes the LM head's cross-entropy and its
-gradients (native_lm_head_cross_entropy), which lm_head_cross_entropy runs in fp32 on CPU at small widths. Each file is compiled with the system's C compiler (`cc`,
-or $CC) once per machine (about a second) and kept in ~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the
-source, the compiler, the flags and the CPU; without a compiler, PyTorch's own operations run instead."""
+gradients (native_lm_head_cross_entropy), which lm_head_cross_entropy runs in fp32 on CPU at small widths. Each
+file is compiled with the system's C compiler (`cc`, or $CC) once per machine (about a second) and kept in
+~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the source, the compiler, the flags and the CPU; without a
+compiler, PyTorch's own operations run instead."""
 
 import ctypes
 import functools
@@ -156,6 +157,13 @@ def cached_build(cc: str, flags: list[str], source: str) -> tuple[ctypes.CDLL | 
 def checked(library: ctypes.CDLL, name: str) -> ctypes.CDLL:
     getattr(library, SOURCES[name])  # AttributeError when the file is not NAME.c's library
     return library
+
+
+def trains_natively(name: str, *tensors) -> bool:
+    """Whether NAME.c (a training kernel, see SOURCES) can take these tensors: all fp32 on CPU, not under
+    torch.compile (which cannot trace a C call), and the file builds (once per machine)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.compiler.is_compiling() and build_library(name)[0] is not None)
 
 
 def native_decode_step(model, argmax_only: bool = False):
