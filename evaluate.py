@@ -12,23 +12,23 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import load_model_and_tokenizer, run_folder_model
-from corpus import non_empty, read_stories, resolve_files
-from dataload import encode_batches
-from tokenizer import gpt_neo_tokenizer
-from devices import pick_device
-from evalsets import character_names, cloze_items, probe_continuation, read_probes, story_beginnings
-from judge import JudgeError, grade_all, summarize
-from hf_weights import resolve_pretrained
-from ngram import NGram, stream_logprob
-from ngram import continuation_logprobs as ngram_continuation_logprobs
-from report import render, table
-from scoring import continuation_logprobs, evaluate_stories, loss_numbers, token_view
-from storage import atomic_write, storage_failure, write_json, write_text
-from storymetrics import completion_metrics
+from tinylm.checkpoint import load_model_and_tokenizer, run_folder_model
+from tinylm.data.corpus import non_empty, read_stories, resolve_files
+from tinylm.data.pieces import encode_batches
+from tinylm.data.tokenizer import gpt_neo_tokenizer
+from tinylm.devices import pick_device
+from tinylm.evaluation.evalsets import (DEFAULT_PROBES, character_names, cloze_items, probe_continuation, read_probes,
+                                        story_beginnings)
+from tinylm.evaluation.judge import JudgeError, grade_all, summarize
+from tinylm.evaluation.ngram import NGram, stream_logprob
+from tinylm.evaluation.ngram import continuation_logprobs as ngram_continuation_logprobs
+from tinylm.evaluation.report import render, table
+from tinylm.evaluation.scoring import continuation_logprobs, evaluate_stories, loss_numbers, token_view
+from tinylm.evaluation.storymetrics import completion_metrics
+from tinylm.hub import resolve_pretrained
+from tinylm.storage import atomic_write, storage_failure, write_json, write_text
 
 TRAIN_GLOB = "../shared/data/tinystories_train_*.txt"  # the README's train files
-DEFAULT_PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probes", "capabilities.jsonl")
 GUIDE = """what it measures, per model:
   loss         nats/token, perplexity and bits per UTF-8 byte on --data (what inference.py --eval_file says);
                bits/byte compare models with different vocabularies fairly
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--model", action="append", required=True, help="checkpoint folder or hub id; repeat to compare")
     p.add_argument("--data", required=True, help="held-out stories separated by <|endoftext|> (.txt, .jsonl or "
                    ".parquet); never the data the models trained on")
-    p.add_argument("--probes", default=DEFAULT_PROBES, help="probe file (default: probes/capabilities.jsonl)")
+    p.add_argument("--probes", default=DEFAULT_PROBES,
+                   help="probe file (default: tinylm/evaluation/probes/capabilities.jsonl, 92 probes)")
     p.add_argument("--cloze_items", type=int, default=None, help="story-cloze items, at most one per story "
                    "(default: one per story that has 4 sentences or more)")
     p.add_argument("--seed", type=int, default=0, help="chooses the cloze items (the same seed, the same items)")

@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from checkpoint import finished_models, load_model_and_tokenizer, newest_model, run_folder_model
-from devices import pick_device
-from generation import DECODE_BACKENDS
-from hf_weights import resolve_pretrained
-from scoring import evaluate_file
-from tokenizer import text_stream
+from tinylm.checkpoint import finished_models, load_model_and_tokenizer, newest_model, run_folder_model
+from tinylm.data.tokenizer import text_stream
+from tinylm.devices import pick_device
+from tinylm.evaluation.scoring import evaluate_file
+from tinylm.hub import resolve_pretrained
+from tinylm.modeling.generation import DECODE_BACKENDS
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"
@@ -163,7 +163,7 @@ def fit_block_size(block_size: int, context: int) -> int:
 
 def serve(args, device):
     """The story playground until Ctrl-C: every --model, then the finished runs under out/, newest first."""
-    from playground import make_server
+    from tinylm.serving.playground import make_server
 
     given = [run_folder_model(m) for m in args.model or []]
     models = list(dict.fromkeys(given + finished_models(CHECKPOINT_ROOT))) or [resolve_model(None)]

@@ -6,9 +6,10 @@ WITHOUT 1/sqrt(head_dim) scaling, gelu_new MLP, LM head tied to the token embedd
 per-layer choice of local (sliding window) or global attention, a layer may mix both: its first
 `local_heads` heads are local, the rest global.
 
-Beside it: lm_head.py (training's fused LM head and loss), generation.py (KV cache, per-token decoding, sampling:
-`model.generate`), native.py + decode.c (the fast CPU decoding step), hf_weights.py (`GPTNeo.from_pretrained` /
-`.save_pretrained`: transformers' files).
+What it is built from, in tinylm/modeling/: lm_head.py (training's fused LM head and loss), generation.py (KV
+cache, per-token decoding, sampling: `model.generate`), hf_weights.py (transformers' files, read and written for
+`GPTNeo.from_pretrained` / `.save_pretrained`); in tinylm/kernels/: native.py and its C files (CPU attention for
+training, the fast decoding step).
 """
 
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generation import GenerationMixin, KVCache
-from lm_head import lm_head_cross_entropy
+from tinylm.hub import resolve_pretrained
+from tinylm.modeling.generation import GenerationMixin, KVCache
+from tinylm.modeling.hf_weights import hf_to_tinylm_state_dict, read_config, read_weights, write_pretrained
+from tinylm.modeling.lm_head import lm_head_cross_entropy
 
 ATTENTION_TYPES = ("global", "local", "mixed")
 CPU_QUERY_CHUNK = 64  # see SelfAttention._attend
@@ -215,7 +218,7 @@ class SelfAttention(nn.Module):
         T, S = q.size(2), k.size(2)
         dropout = self.attention_dropout if self.training else 0.0
         if T == S > 1 and start == 0 and not dropout and native_attention_runs(q):
-            from native import native_attention
+            from tinylm.kernels.native import native_attention
 
             return native_attention(q, k, v, self.window_size if local else 0)
         if T == 1:  # decoding: the cache handed over exactly the keys this query may see
@@ -248,7 +251,7 @@ def native_attention_runs(q) -> bool:
     per machine, see native.py), and not under torch.compile (which cannot trace a C call)."""
     if q.size(-1) > NATIVE_ATTENTION_MAX_HEAD_DIM:
         return False
-    from native import trains_natively
+    from tinylm.kernels.native import trains_natively
 
     return trains_natively("attention", q)
 
@@ -338,13 +341,15 @@ class GPTNeo(GenerationMixin, nn.Module):  # generate(): generation.py
     def from_pretrained(cls, name_or_path: str) -> "GPTNeo":
         """Load a TinyLM checkpoint or Hugging Face GPT-Neo folder (config.json + model.safetensors or
         pytorch_model.bin), or a hub id such as 'roneneldan/TinyStories-1M' when the hub can be reached."""
-        from hf_weights import load_pretrained  # weights I/O lives there; it builds GPTNeo, so it imports us
-
-        return load_pretrained(cls, name_or_path)
+        folder = resolve_pretrained(name_or_path)
+        model = cls(read_config(folder, GPTNeoConfig.from_hf_dict))
+        # its own state dict gives the names and shapes to check, not a second model built on "meta", whose
+        # initialization imports torch._dynamo (0.8 s)
+        model.load_state_dict(hf_to_tinylm_state_dict(read_weights(folder), model.state_dict()), strict=True)
+        return model.eval()
 
     def save_pretrained(self, folder: str):
         """Write config.json and model.safetensors in transformers' GPT-Neo layout. Mixed layers are
         recorded so that TinyLM reloads them and transformers refuses them."""
-        from hf_weights import save_pretrained
-
-        save_pretrained(self, folder)
+        hf_config = {**self.config.to_hf_dict(), "dtype": str(self.wte.weight.dtype).removeprefix("torch.")}
+        write_pretrained(folder, hf_config, self.state_dict())

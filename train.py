@@ -27,17 +27,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (StorageError, check_run_folder, clear_run, command, load_checkpoint, recover,
-                        resumable_checkpoint, run_folder_lock, save_checkpoint)
-from config import TrainConfig, load_config
-from dataload import get_batch, prepare_data
-from tokenizer import FULL_VOCAB, load_tokenizer
-from devices import pick_device, pick_dtype
 from model import GPTNeo
-from optimizers import Optimizers, budget_progress, get_lr, make_optimizer
-from runlog import plot_losses, start_wandb
-from scoring import evaluate_loss
-from storage import storage_failure
+from tinylm.checkpoint import (StorageError, check_run_folder, clear_run, command, load_checkpoint, recover,
+                        resumable_checkpoint, run_folder_lock, save_checkpoint)
+from tinylm.data.cache import get_batch, prepare_data
+from tinylm.data.tokenizer import FULL_VOCAB, load_tokenizer
+from tinylm.devices import pick_device, pick_dtype
+from tinylm.evaluation.scoring import evaluate_loss
+from tinylm.storage import storage_failure
+from tinylm.training.config import TrainConfig, load_config
+from tinylm.training.optimizers import Optimizers, budget_progress, get_lr, make_optimizer
+from tinylm.training.runlog import plot_losses, start_wandb
 
 BUDGET_UNITS = 1000  # the progress bar counts thousandths of the budget
 

@@ -14,8 +14,9 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from corpus import non_empty, read_stories, resolve_files  # noqa: E402
-from dataload import PARALLEL_BYTES, build_cache, count_tokens, gpt_neo_tokenizer, trim_tokenizer  # noqa: E402
+from tinylm.data.corpus import non_empty, read_stories, resolve_files  # noqa: E402
+from tinylm.data.cache import PARALLEL_BYTES, build_cache, count_tokens, trim_tokenizer  # noqa: E402
+from tinylm.data.tokenizer import gpt_neo_tokenizer
 
 SHARED_TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinystories_train_*.txt")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lm_head import lm_head_cross_entropy  # noqa: E402
+from tinylm.modeling.lm_head import lm_head_cross_entropy  # noqa: E402
 
 SHAPES = [(64, 50257), (256, 50257), (128, 4000), (192, 4000)]  # (width, vocabulary)
 

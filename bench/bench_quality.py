@@ -46,8 +46,8 @@ def train_transformers(model_config, splits, minutes: float, batch_size: int, ev
     import torch
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    from dataload import get_batch
-    from scoring import evaluate_loss
+    from tinylm.data.cache import get_batch
+    from tinylm.evaluation.scoring import evaluate_loss
 
     block = 512
     hf_config = GPTNeoConfig(**{**model_config.to_hf_dict(), "max_position_embeddings": max(
@@ -107,10 +107,10 @@ def main():
         sys.exit(f"no training text at {args.data}")
     import torch
 
-    from config import load_config
-    from dataload import prepare_data
-    from checkpoint import load_model_and_tokenizer
-    from scoring import evaluate_file
+    from tinylm.training.config import load_config
+    from tinylm.data.cache import prepare_data
+    from tinylm.checkpoint import load_model_and_tokenizer
+    from tinylm.evaluation.scoring import evaluate_file
 
     config = load_config(os.path.join(ROOT, args.config), [f"data.dataset={args.data}"])
     m, d, t = config["model"], config["data"], config["train"]

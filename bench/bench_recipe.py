@@ -31,8 +31,8 @@ def main():
     args = p.parse_args()
     import torch
 
-    from checkpoint import load_model_and_tokenizer
-    from scoring import evaluate_file
+    from tinylm.checkpoint import load_model_and_tokenizer
+    from tinylm.evaluation.scoring import evaluate_file
 
     out_dir = os.path.join("out", "recipe", args.name)
     sets = [f"data.dataset={args.data}", f"train.max_minutes={args.minutes:g}", f"train.out_dir={out_dir}", *args.set]

@@ -69,9 +69,9 @@ def run_measured(cmd: list[str], on_line=None) -> dict:
 
 def held_out_coverage(corpus: str, cache: str) -> float:
     """Share of the validation split's GPT-Neo tokens that the trimmed vocabulary (counted on train text) keeps."""
-    from corpus import split_sources
-    from dataload import count_tokens, coverage
-    from tokenizer import gpt_neo_tokenizer, tokenizer_from_file
+    from tinylm.data.corpus import split_sources
+    from tinylm.data.cache import count_tokens, coverage
+    from tinylm.data.tokenizer import gpt_neo_tokenizer, tokenizer_from_file
 
     full = gpt_neo_tokenizer()
     counts = count_tokens(full, split_sources(corpus, None, 0.01)["val"][1]({}))

@@ -68,7 +68,7 @@ def one_1m_model(folder: str):
     import torch
 
     sys.path.insert(0, ROOT)
-    from config import load_config
+    from tinylm.training.config import load_config
     from model import GPTNeo
 
     torch.manual_seed(0)

@@ -28,11 +28,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench_model import interleaved_medians  # noqa: E402
-from config import TrainConfig, load_config  # noqa: E402
-from dataload import get_batch  # noqa: E402
-from devices import pick_dtype  # noqa: E402
+from tinylm.training.config import TrainConfig, load_config  # noqa: E402
+from tinylm.data.cache import get_batch  # noqa: E402
+from tinylm.devices import pick_dtype  # noqa: E402
 from model import GPTNeo  # noqa: E402
-from optimizers import make_optimizer  # noqa: E402
+from tinylm.training.optimizers import make_optimizer  # noqa: E402
 
 
 def matmul_flops_per_second(device, n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:

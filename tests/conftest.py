@@ -66,7 +66,7 @@ def read_only_below(monkeypatch, folder):
 @pytest.fixture(scope="session")
 def full():
     """The GPT-Neo tokenizer (50257 tokens); tests only read it."""
-    from dataload import gpt_neo_tokenizer
+    from tinylm.data.tokenizer import gpt_neo_tokenizer
 
     return gpt_neo_tokenizer()
 
@@ -74,8 +74,9 @@ def full():
 @pytest.fixture(scope="session")
 def trimmed(full):
     """A 1000-token tokenizer trimmed on 300 generated stories, and the stories."""
-    from dataload import count_tokens, trim_tokenizer
-    from test_dataload import make_stories
+    from tinylm.data.cache import count_tokens
+    from tinylm.data.tokenizer import trim_tokenizer
+    from helpers import make_stories
 
     stories = make_stories(300)
     return trim_tokenizer(full, count_tokens(full, stories), 1000), stories

@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from checkpoint import holds_run, newest_model, recover
 from conftest import read_only_below
+from helpers import ROOT
 from model import GPTNeo, GPTNeoConfig
+from tinylm.checkpoint import holds_run, newest_model, recover
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def save_model(folder, mtime):
@@ -66,7 +66,7 @@ def test_recover_undoes_a_crash_inside_save_checkpoint(tmp_path):
 
 def hold_lock(out_dir):
     """Another process that holds out_dir's lock until it is killed, as a live train.py does."""
-    program = ("import sys, time; sys.path.insert(0, sys.argv[1]); from checkpoint import run_folder_lock\n"
+    program = ("import sys, time; sys.path.insert(0, sys.argv[1]); from tinylm.checkpoint import run_folder_lock\n"
                "with run_folder_lock(sys.argv[2]):\n    print('held', flush=True); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", program, ROOT, str(out_dir)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
@@ -74,7 +74,7 @@ def hold_lock(out_dir):
 
 
 def test_a_folder_in_use_is_refused_before_any_work_and_a_killed_holder_never_blocks(tmp_path, capsys):
-    from test_train import train_config
+    from helpers import train_config
     from train import main as train_main
     config = train_config(tmp_path, max_steps=2, eval_interval=2)
     assert train_main(["--config", config]) == 0
@@ -102,7 +102,7 @@ def test_a_folder_in_use_is_refused_before_any_work_and_a_killed_holder_never_bl
 def fail_third_train_state_save(monkeypatch, error):
     """torch.save of train_state.pt fails on its third call (last/ at the second evaluation after step 0), after
     writing part of the file, as a full disk does."""
-    import checkpoint
+    from tinylm import checkpoint
     real_save, calls = torch.save, {"n": 0}
 
     def save(obj, path):
@@ -124,8 +124,8 @@ def fail_third_train_state_save(monkeypatch, error):
      "{out} is on a read-only file system; set train.out_dir to a folder that can be written"),
 ])
 def test_a_failed_save_keeps_the_previous_checkpoints_and_says_so(tmp_path, monkeypatch, error, sentence):
-    import storage
-    from test_train import train_config
+    from tinylm import storage
+    from helpers import train_config
     from train import main as train_main
     config = train_config(tmp_path, max_steps=8, eval_interval=2)
     with monkeypatch.context() as patch:
@@ -147,7 +147,7 @@ def test_a_failed_save_keeps_the_previous_checkpoints_and_says_so(tmp_path, monk
 
 
 def test_an_out_dir_that_cannot_be_created_is_one_sentence_before_any_work(tmp_path, monkeypatch, capsys):
-    from test_train import train_config
+    from helpers import train_config
     from train import main as train_main
     read_only_below(monkeypatch, tmp_path / "ro")
     with pytest.raises(SystemExit) as e:
@@ -177,7 +177,7 @@ def mount_tmpfs(tmp_path):
 
 
 def test_a_real_full_disk_and_a_real_read_only_folder(tmp_path, mount_tmpfs):
-    from test_train import train_config
+    from helpers import train_config
     from train import main as train_main
     disk = mount_tmpfs("size=1m")  # room for the first best/ and last/ (about 0.7 MB), not for the next copies
     config = train_config(tmp_path, max_steps=1000, eval_interval=2, out_dir=disk / "run")

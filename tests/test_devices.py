@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import devices
-from devices import pick_device, pick_dtype
+from tinylm import devices
+from tinylm.devices import pick_device, pick_dtype
 
 
 def test_auto_dtype_takes_bf16_only_where_the_cpu_has_matrix_units(monkeypatch):

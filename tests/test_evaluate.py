@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from evaluate import main as evaluate_main
+from helpers import ROOT
+from helpers import make_stories, write_txt
 from model import GPTNeo, GPTNeoConfig
-from test_dataload import make_stories, write_txt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TEST = os.path.join(ROOT, "..", "shared", "data", "tinystories_test.txt")
 
 

@@ -10,14 +10,14 @@ import torch
 from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
-from checkpoint import newest_model
 from conftest import DEVICE, hub_cache_snapshot
-from checkpoint import load_model_and_tokenizer
+from helpers import ROOT
+from helpers import sharpen_
 from inference import encode_prompt
 from model import GPTNeo, GPTNeoConfig
-from test_model import sharpen_
+from tinylm.checkpoint import newest_model
+from tinylm.checkpoint import load_model_and_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFERENCE = os.path.join(ROOT, "inference.py")
 
 
@@ -61,7 +61,7 @@ def test_cli_prints_prompt_and_greedy_story(tinystories_1m_folder, flags):
     if flags and r.returncode and "no C compiler" in r.stderr:
         pytest.skip(r.stderr)
     assert r.returncode == 0, r.stderr
-    from dataload import gpt_neo_tokenizer
+    from tinylm.data.tokenizer import gpt_neo_tokenizer
     tok = gpt_neo_tokenizer()
     idx = torch.tensor([tok.encode("Once upon a time")])
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, min_new_tokens=12, do_sample=False,
@@ -133,7 +133,7 @@ def test_eval_file_matches_transformers_loss(tmp_path):
     hf.save_pretrained(tmp_path / "m")
     stories = ["Once upon a time, a cat sat.", "Tom ran to the park! 🙂", "The end."]
     (tmp_path / "eval.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
-    from dataload import gpt_neo_tokenizer
+    from tinylm.data.tokenizer import gpt_neo_tokenizer
     tok = gpt_neo_tokenizer()
     ids = torch.tensor([[i for s in stories for i in tok.encode(s) + [50256]]])
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_eval_file_matches_transformers_loss(tmp_path):
 
 def test_sharded_evaluation_adds_up_to_the_whole():
     # train.py under torchrun: rank r of n scores every n-th batch, and the ranks' sums give the full evaluation
-    from scoring import evaluate_loss
+    from tinylm.evaluation.scoring import evaluate_loss
     model = GPTNeo(GPTNeoConfig(vocab_size=60, max_position_embeddings=32, n_layer=1, n_head=2, n_embd=16))
     tokens = torch.randint(0, 60, (1000,), generator=torch.Generator().manual_seed(1)).numpy()
     whole, n = evaluate_loss(model, tokens, batch_size=2, block_size=32)
@@ -169,7 +169,7 @@ def test_readme_start_makes_a_virtualenv_and_says_where_commands_run():
 
 def test_readme_python_snippet_runs_verbatim_on_a_trained_folder(tmp_path):
     # the snippet under "Using the model from Python", with only its example path replaced by a trained model
-    from test_train import train_config
+    from helpers import train_config
     from train import main as train_main
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     snippet = readme.split("### Using the model from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
@@ -185,8 +185,8 @@ def test_readme_python_snippet_runs_verbatim_on_a_trained_folder(tmp_path):
 
 
 def test_generation_takes_the_fastest_exact_backend_by_default(tinystories_1m_folder, monkeypatch):
-    pytest.importorskip("native")
-    from native import load_library
+    pytest.importorskip("tinylm.kernels.native")
+    from tinylm.kernels.native import load_library
     try:
         load_library()
     except RuntimeError as e:
@@ -200,7 +200,7 @@ def test_generation_takes_the_fastest_exact_backend_by_default(tinystories_1m_fo
     assert dropout.train().choose_backend() == "eager" and dropout.eval().choose_backend() == "native"
     with pytest.raises(ValueError, match="backend must be one of auto, native, compile, eager"):
         model.choose_backend("fast")
-    import native
+    from tinylm.kernels import native
     built, real = [], native.native_decode_step
     monkeypatch.setattr(native, "native_decode_step", lambda m, *a: built.append(m) or real(m, *a))
     idx = torch.tensor([[7454, 2402, 257, 640]])
@@ -247,7 +247,7 @@ def test_a_hub_id_loads_offline_from_the_hub_cache(tinystories_1m_folder, tmp_pa
             state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
         torch.save(state, tmp_path / weights)
         files[weights] = str(tmp_path / weights)
-    from dataload import gpt_neo_tokenizer
+    from tinylm.data.tokenizer import gpt_neo_tokenizer
     gpt_neo_tokenizer().backend_tokenizer.save(str(tmp_path / "tokenizer.json"))  # the hub repo ships one
     files["tokenizer.json"] = str(tmp_path / "tokenizer.json")
     cache = tmp_path / "hub"

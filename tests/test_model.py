@@ -5,45 +5,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
 from conftest import DEVICE, FP32_TOLERANCE
-from hf_weights import hf_to_tinylm_state_dict
+from helpers import MIXED, SHAPES, assert_logits_close, make_hf, sharpen_
 from model import GPTNeo, GPTNeoConfig
+from tinylm.modeling.hf_weights import hf_to_tinylm_state_dict
 
-# TinyStories-1M as released, and an odd small shape: 3 heads of 8, MLP 40 wide, window 7.
-SHAPES = {
-    "tinystories_1M": dict(vocab_size=50257, max_position_embeddings=2048, hidden_size=64, num_layers=8,
-                           num_heads=16, window_size=256, attention_types=[[["global", "local"], 4]]),
-    "odd_small": dict(vocab_size=97, max_position_embeddings=64, hidden_size=24, num_layers=3, num_heads=3,
-                      window_size=7, intermediate_size=40, attention_types=[[["local", "global", "local"], 1]]),
-}
 SEQ_LEN = {"tinystories_1M": 300, "odd_small": 50}  # both longer than the window
-
-
-def sharpen_(model: torch.nn.Module, seed: int = 0):
-    """Random weights large enough that attention is peaked and logits spread out: at GPT-Neo's 0.02 init
-    every model outputs nearly uniform logits and a wrong mask would hardly show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lm_head.weight"):
-                continue  # tied to wte
-            if "ln" in name.split(".")[-2]:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                std = 0.5 if ("wte" in name or "wpe" in name) else 1.0 / p.shape[1] ** 0.5
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model
-
-
-def make_hf(shape: str, seed: int = 0) -> GPTNeoForCausalLM:
-    config = HFConfig(**SHAPES[shape], bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(seed)
-    return sharpen_(GPTNeoForCausalLM(config), seed).eval()
 
 
 def save_legacy_bin(hf: GPTNeoForCausalLM, folder: str):
@@ -60,11 +29,6 @@ def save_legacy_bin(hf: GPTNeoForCausalLM, folder: str):
         state[f"transformer.h.{i}.attn.attention.bias"] = bias.view(1, 1, n, n)
         state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
     torch.save(state, os.path.join(folder, "pytorch_model.bin"))
-
-
-def assert_logits_close(ours, ref):
-    torch.testing.assert_close(ours, ref.to(ours.device, ours.dtype), rtol=FP32_TOLERANCE,
-                               atol=FP32_TOLERANCE * ref.abs().max().item())
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -97,7 +61,7 @@ def test_training_loss_and_gradients_match_transformers():
     hf = make_hf("odd_small")
     hf.config.max_position_embeddings = 64
     ours = GPTNeo(GPTNeoConfig.from_hf_dict(hf.config.to_dict()))
-    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.config))
+    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.state_dict()))
     hf.to(DEVICE).train(), ours.to(DEVICE).train()
     idx = torch.randint(0, 97, (3, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     targets = torch.roll(idx, -1, dims=1)
@@ -108,7 +72,7 @@ def test_training_loss_and_gradients_match_transformers():
     loss.backward()
     assert logits is None
     torch.testing.assert_close(loss, ref_loss, rtol=FP32_TOLERANCE, atol=1e-6)
-    ref_grads = hf_to_tinylm_state_dict({k: p.grad for k, p in hf.named_parameters()}, ours.config)
+    ref_grads = hf_to_tinylm_state_dict({k: p.grad for k, p in hf.named_parameters()}, ours.state_dict())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=10 * FP32_TOLERANCE, atol=1e-6, msg=name)
 
@@ -119,7 +83,7 @@ def test_bfloat16_autocast_logits_match_transformers_within_bf16_rounding(shape)
     # about 1.3% of the largest logit away from fp32 (measured on the 1M shape), each its own way. Allowed: 4%.
     hf = make_hf(shape).to(DEVICE)
     ours = GPTNeo(GPTNeoConfig.from_hf_dict(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.config))
+    ours.load_state_dict(hf_to_tinylm_state_dict(hf.state_dict(), ours.state_dict()))
     ours.to(DEVICE)
     idx = torch.randint(0, hf.config.vocab_size, (2, SEQ_LEN[shape]), generator=torch.Generator().manual_seed(1))
     idx = idx.to(DEVICE)
@@ -188,10 +152,6 @@ def reference_attention_forward(model: GPTNeo, idx):
         x = x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
     x = F.layer_norm(x, (c.n_embd,), sd["ln_f.weight"], sd["ln_f.bias"], c.layer_norm_epsilon)
     return x @ sd["wte.weight"].T
-
-
-MIXED = dict(vocab_size=101, max_position_embeddings=160, n_layer=4, n_head=4, n_embd=32, window_size=9,
-             local_heads=[1, 4, 0, 3])
 
 
 @pytest.mark.parametrize("T", [5, 40, 150])  # inside the window, past it, and past the CPU query chunk

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import storage
-from storage import atomic_write, storage_failure
+from tinylm import storage
+from tinylm.storage import atomic_write, storage_failure
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -13,28 +13,13 @@ import pytest
 import torch
 from transformers import GPTNeoForCausalLM
 
+from helpers import ROOT, train_config
 from model import GPTNeo
 from train import main as train_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- the training loop, on a corpus the tests write ----
-
-def train_config(tmp_path, **train):
-    from test_dataload import make_stories, write_txt
-    data = tmp_path / "stories.txt"
-    if not data.exists():
-        write_txt(data, make_stories(300))
-    settings = {**dict(batch_size=8, max_steps=30, eval_interval=10, eval_tokens=2000, warmup_steps=5, lr=3e-3,
-                       out_dir=str(tmp_path / "out")), **train}
-    text = ("[model]\nvocab_size = 400\nn_layer = 2\nn_head = 2\nn_embd = 32\nmax_position_embeddings = 64\n"
-            "window_size = 8\n[data]\ndataset = {data}\nval_fraction = 0.1\nblock_size = 32\ncache_dir = {cache}\n"
-            "[train]\n").format(data=data, cache=tmp_path / "cache")
-    text += "".join(f"{k} = {v}\n" for k, v in settings.items())
-    path = tmp_path / "x.config"
-    path.write_text(text)
-    return str(path)
 
 
 def read_metrics(tmp_path):
@@ -52,7 +37,7 @@ def test_training_lowers_loss_and_leaves_checkpoints_inference_loads(tmp_path, c
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(vals) == 4 and vals[-1] < vals[0] - 0.5
     assert metrics[-1]["stop"] == "max_steps reached"
-    from checkpoint import load_model_and_tokenizer
+    from tinylm.checkpoint import load_model_and_tokenizer
     for name in ("best", "last"):
         saved = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
         assert saved["step"] == 30 and saved["best_val"] == vals[-1]
@@ -154,7 +139,7 @@ def test_bfloat16_autocast_trains(tmp_path, capsys):
 
 @pytest.mark.parametrize("has_units", [True, False])
 def test_auto_dtype_follows_the_cpus_bf16_matrix_units(tmp_path, monkeypatch, capsys, has_units):
-    import devices
+    from tinylm import devices
     monkeypatch.setattr(devices, "cpu_has_bf16_matrix_units", lambda: has_units)
     seen = []
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: seen.append(k["enabled"]) or torch.amp.autocast(*a, **k))
@@ -237,7 +222,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused_unless_overwrite(tmp_path
 
 
 def test_resume_keeps_the_checkpoints_tokenizer_and_refuses_another_model_shape(tmp_path, capsys):
-    from test_dataload import write_txt
+    from helpers import write_txt
     config = train_config(tmp_path, max_steps=4, eval_interval=2)
     assert train_main(["--config", config]) == 0
     tokenizer = (tmp_path / "out" / "last" / "tokenizer.json").read_text()
@@ -334,7 +319,7 @@ def test_block_size_and_device_are_checked_before_any_work(tmp_path):
 
 
 def test_the_default_folders_are_git_ignored():
-    from config import DataConfig, TrainConfig
+    from tinylm.training.config import DataConfig, TrainConfig
     ignored = {line.strip().strip("/") for line in open(os.path.join(ROOT, ".gitignore"))}
     assert DataConfig().cache_dir.split("/")[0] in ignored and TrainConfig().out_dir.split("/")[0] in ignored
 
