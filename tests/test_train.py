@@ -325,7 +325,7 @@ def test_the_default_folders_are_git_ignored():
 
 
 def test_offline_the_hub_dataset_fails_fast_and_leaves_nothing(tmp_path):
-    # the README's main command with the hub unreachable (a closed port), and with HF_HUB_OFFLINE=1
+    # docs/training.md's first command (the hub dataset) with the hub unreachable (a closed port), and with HF_HUB_OFFLINE=1
     for env in ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}):
         t0 = time.time()
         done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
