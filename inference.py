@@ -7,7 +7,9 @@
 """
 
 import argparse
+import contextlib
 import errno
+import signal
 import sys
 import time
 
@@ -182,11 +184,27 @@ def serve(args, device):
           f"({len(models)} model{'s' if len(models) > 1 else ''}: {', '.join(models[:3])}"
           f"{', ...' if len(models) > 3 else ''}); Ctrl-C stops it", flush=True)
     try:
-        server.serve_forever()
+        with sigterm_as_ctrl_c():
+            server.serve_forever()
     except KeyboardInterrupt:
-        print("# playground stopped", file=sys.stderr)
+        open_streams = server.playground.stop()  # each open story gets its last event; generation threads end
+        print(f"# playground stopped{f' ({open_streams} open stories ended)' if open_streams else ''}",
+              file=sys.stderr)
     finally:
         server.server_close()
+    return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (a service manager, `kill`) stops the playground as Ctrl-C does, ending open stories first."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None):

@@ -200,3 +200,55 @@ def test_serve_prints_its_address_warns_when_opened_wider_and_stops_on_ctrl_c(mo
         proc.kill()
     assert proc.returncode == 0 and "playground stopped" in err and "Traceback" not in err
     assert "warning: --host 0.0.0.0 serves every machine that can reach port" in err
+
+
+SLOW_SERVER = """
+import sys, time
+from tinylm.modeling.generation import GenerationMixin
+real = GenerationMixin.generate_stream
+def slow(self, *args, **kwargs):  # past the 5th token, a token every 50 ms: the story is streaming at Ctrl-C
+    for i, item in enumerate(real(self, *args, **kwargs)):
+        if i >= 5:
+            time.sleep(0.05)
+        yield item
+GenerationMixin.generate_stream = slow
+import inference
+inference.main(sys.argv[1:])
+"""
+
+
+def next_event(response) -> dict:
+    """The next server-sent event of a streaming response: "data: {...}" and a blank line."""
+    line = response.readline().decode()
+    assert response.readline() == b"\n"
+    return json.loads(line.removeprefix("data: "))
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_mid_story_ends_the_stream_with_a_last_event_and_exits_0(tmp_path, stop):
+    config = HFConfig(vocab_size=50257, max_position_embeddings=1024, hidden_size=32, num_layers=2, num_heads=4,
+                      window_size=16, attention_types=[[["global", "local"], 1]])
+    torch.manual_seed(0)
+    sharpen_(GPTNeoForCausalLM(config)).save_pretrained(tmp_path)
+    cmd = [sys.executable, "-c", SLOW_SERVER, "--serve", "--port", "0", "--model", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": 1000, "temperature": 1.0,
+                                                               "top_k": 0, "seed": 1}))
+        response = conn.getresponse()
+        assert response.status == 200
+        first = [next_event(response) for _ in range(10)]
+        assert "model" in first[0] and all("id" in event for event in first[1:])
+        proc.send_signal(stop)
+        rest = events_of(response.read().decode())
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert rest and rest[-1]["stopped"].startswith("the server was stopped") and "done" not in rest[-1]
+    assert rest[-1]["tokens"] == 9 + sum("id" in event for event in rest[:-1]) < 1000
+    assert proc.returncode == 0, err
+    assert "playground stopped (1 open stories ended)" in err and "terminate called" not in err, err

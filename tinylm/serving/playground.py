@@ -17,7 +17,8 @@ API (JSON in, JSON or server-sent events out; any mistake is HTTP 400 with {"err
     POST /api/generate     {model, prompt | ids, temperature, top_k, top_p, max_new_tokens, seed} -> events:
                            {"model", "seed", "prompt", "ids"}, then per token {"id", "text", "p", "top": [[text, p,
                            id], ...]}, then {"done", "tokens", "seconds"}, or {"error"} if the server fails
-                           mid-story; 429 while max_streams are being written
+                           mid-story, or {"stopped", "tokens"} if the server is stopped (Ctrl-C) mid-story;
+                           429 while max_streams are being written, 503 once the server is stopping
     POST /api/score        {model, text} -> {"tokens": [{"token", "id", "loss", "top"}], "loss", "bits_per_byte"}
 """
 
@@ -62,7 +63,9 @@ class Playground:
     loaded: dict = dataclasses.field(default_factory=dict)
     recent: list = dataclasses.field(default_factory=list)
     active: int = 0
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # active and recent
+    lock: threading.Condition = dataclasses.field(default_factory=threading.Condition)  # active and recent
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)  # set by stop()
+    workers: set = dataclasses.field(default_factory=set)  # the request threads that used a model
     load_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def model(self, name):
@@ -76,6 +79,8 @@ class Playground:
 
     def start_stream(self):
         with self.lock:
+            if self.stopping.is_set():
+                raise RequestError("the server is stopping and starts no new story", status=503)
             if self.active >= self.max_streams:
                 raise RequestError(f"the server is busy: it writes {self.max_streams} "
                                    f"stor{'y' if self.max_streams == 1 else 'ies'} at once (--max_streams) and is "
@@ -87,6 +92,27 @@ class Playground:
             self.active -= 1
             if ended is not None:
                 self.recent = (self.recent + [{"model": model, "tokens": tokens, "ended": ended}])[-20:]
+            self.lock.notify_all()
+
+    def add_worker(self):
+        """Counts the calling request thread among those stop() waits for (POSTs: they run the model)."""
+        with self.lock:
+            self.workers = {t for t in self.workers if t.is_alive()} | {threading.current_thread()}
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Ends every open story: each stream sends a last {"stopped"} event and its generation ends. Returns how
+        many streams were open, once they have ended and every request thread that ran the model has exited (or
+        `timeout` seconds passed). The process may then exit: a thread still running when the interpreter shuts
+        down is killed where it stands, and inside PyTorch that aborts the process ("terminate called")."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self.stopping.set()
+            open_streams = self.active
+            self.lock.wait_for(lambda: self.active == 0, timeout)
+            workers = set(self.workers)
+        for thread in workers - {threading.current_thread()}:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return open_streams
 
 
 def checked(body: dict, fields: dict) -> dict:
@@ -201,6 +227,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.reply_json(404, {"error": f"no page at {self.path}; the playground is at /"})
 
     def do_POST(self):
+        self.server.playground.add_worker()
         try:
             body = self.read_body()
             if self.path == "/api/generate":
@@ -243,6 +270,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             started = True
             self.send_event(first)
             for event in events:
+                if playground.stopping.is_set():
+                    ended = "server stopped"
+                    self.send_event({"stopped": "the server was stopped (Ctrl-C): the story ends here",
+                                     "tokens": tokens})
+                    break
                 tokens += "id" in event
                 self.send_event(event)
         except (BrokenPipeError, ConnectionResetError):
