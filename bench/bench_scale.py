@@ -127,7 +127,7 @@ def main():
             r = run_measured([sys.executable, "train.py", "--config", "config/quickstart.config",
                               "--set", f"data.dataset={corpus}", "--set", f"data.cache_dir={cache}",
                               "--set", "data.val_fraction=0.01",  # dataload.py's default, so the caches are reused
-                              "--set", f"model.vocab_size={args.vocab_size}", "--set", "train.max_minutes=0",
+                              "--set", f"model.vocab_size={args.vocab_size}", "--set", "train.max_minutes=none",
                               "--set", f"train.max_steps={args.train_steps}", "--set", f"train.out_dir={out}",
                               "--set", f"train.eval_interval={args.train_steps}", "--overwrite"])
             if not any(line.startswith("train: reusing") for _, line in r["lines"]):

@@ -134,3 +134,23 @@ def test_out_dir_is_taken_as_the_folder_it_names(tmp_path):
     t = load_config(str(tmp_path / "x.config"), ["train.max_steps=3"])["train"]
     assert t.out_dir == os.path.join(str(tmp_path), "runs", "y")
     assert TrainConfig(out_dir="out/./a//b/").out_dir == os.path.join("out", "a", "b")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.max_minutes=0", r"max_minutes must be a positive number of minutes, or none for no limit, got 0$"),
+    ("train.max_minutes=-1", r"max_minutes must be a positive number of minutes, or none for no limit, got -1$"),
+    ("train.max_tokens=0", r"max_tokens must be a positive number of tokens, or none for no limit, got 0$"),
+    ("train.max_tokens=-5", r"max_tokens must be a positive number of tokens"),
+    ("train.max_steps=-5", r"max_steps must be a positive number of steps"),
+    ("train.max_steps=0", r"max_steps must be a positive number of steps"),
+    ("train.patience=-1", r"patience must be a positive number of evaluations, or 0 for no early stopping"),
+    ("train.eval_interval=0", r"eval_interval must be positive"),
+])
+def test_every_limit_is_a_positive_number_or_its_way_of_saying_no_limit(tmp_path, setting, message):
+    path = write(tmp_path, "[train]\nlr = 1e-3\n")
+    with pytest.raises(ValueError, match=rf"^--set {setting}: \[train\] {message}"):
+        load_config(path, [setting])
+    train = load_config(path, ["train.max_minutes=none", "train.max_tokens=none", "train.patience=0",
+                               "train.max_steps=1"])["train"]
+    assert (train.max_minutes, train.max_tokens, train.patience, train.max_steps) == (None, None, 0, 1)
+    assert load_config(path, ["train.max_minutes=0.5", "train.max_tokens=1000"])["train"].max_minutes == 0.5

@@ -60,12 +60,14 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1  # not applied to biases, LayerNorms or embeddings
     grad_clip: float = 1.0  # 0 disables
+    # The limits: a run stops at the first one it reaches. max_steps is always a limit (a positive number); the
+    # others are a positive number, or none for no limit.
     max_steps: int = 10000
     max_tokens: int | None = None  # stop after this many training tokens
     max_minutes: float | None = None  # stop after this much wall time
     eval_interval: int = 200  # steps between validation evaluations
     eval_tokens: int = 100_000  # validation tokens scored per evaluation
-    patience: int = 5  # evaluations without improvement before early stopping; 0 disables
+    patience: int = 5  # evaluations without improvement before early stopping; 0: no early stopping
     min_delta: float = 0.0  # improvement in validation loss that counts
     seed: int = 1337
     device: str = "auto"  # cpu, cuda, mps or auto; under torchrun each process takes cuda:LOCAL_RANK
@@ -77,11 +79,12 @@ class TrainConfig:
     out_dir: str = "out/tiny_lm"
 
     def __post_init__(self):
-        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_tokens", "log_interval")
+        positive = ("batch_size", "grad_accum", "eval_interval", "eval_tokens", "log_interval")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "min_delta", "warmup_steps", "patience"):
+        self.check_limits()
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "min_delta", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -100,6 +103,20 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+
+    def check_limits(self):
+        """One rule for every limit: a positive number, or the documented way to say "no limit" (none; for patience,
+        0). Anything else, 0 minutes or -1 tokens, would silently mean no limit or a run of no steps."""
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be a positive number of steps (it always limits a run; max_tokens and "
+                             f"max_minutes can stop it sooner), got {self.max_steps}")
+        for name, unit in (("max_tokens", "tokens"), ("max_minutes", "minutes")):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of {unit}, or none for no limit, got {value:g}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be a positive number of evaluations, or 0 for no early stopping, got "
+                             f"{self.patience}")
 
 
 SECTIONS = {"model": GPTNeoConfig, "data": DataConfig, "train": TrainConfig}
