@@ -6,16 +6,30 @@ tokenizers (data/tokenizer.py) and the scripts resolve names here, so a name mea
 """
 
 import os
+import re
+
+
+# a hub repo id: owner/name, each part letters, digits, '.', '_' or '-' (not first), at most 96 characters
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a name that is no folder here was meant as a local path rather than a hub id: it starts with '.',
+    '/' or '~', has a '/' that a hub id would not (none, two or more, a leading or trailing one), characters a
+    hub id cannot have, or a first part that exists here (out/nope, when out/ is a folder)."""
+    if name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name) or "--" in name or ".." in name:
+        return True
+    return os.path.exists(name.split("/")[0])
 
 
 def resolve_pretrained(name_or_path: str) -> str:
     """A local folder as is; 'owner/name' that is not a local path is fetched from the Hugging Face hub."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"no model folder at {name_or_path!r}; pass a checkpoint folder or a hub id like "
-                                "'roneneldan/TinyStories-1M'")
+    if looks_like_path(name_or_path):
+        raise FileNotFoundError(f"no model folder at {name_or_path!r}{near_miss(name_or_path)}: pass a folder with "
+                                "a config.json (a TinyLM checkpoint such as out/quickstart/best, or a downloaded "
+                                "Hugging Face model), or a hub id such as 'roneneldan/TinyStories-1M'")
     try:
         from huggingface_hub import snapshot_download
 
@@ -26,3 +40,16 @@ def resolve_pretrained(name_or_path: str) -> str:
         raise OSError(f"could not fetch {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: no folder of "
                       "that name here and the hub is unreachable or lacks it); download the model on a machine "
                       "with network access and pass its local folder instead") from e
+
+
+def near_miss(path: str) -> str:
+    """', which holds ...' naming what the deepest existing folder above `path` holds, to show the typo."""
+    parent = os.path.dirname(os.path.normpath(path))
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if not parent:
+        return ""
+    entries = sorted(e for e in os.listdir(parent) if not e.startswith("."))
+    if not entries:
+        return f" ({parent}/ is empty)"
+    return f" ({parent}/ holds {', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''})"
