@@ -1,6 +1,6 @@
 """Score models side by side on held-out stories: loss, story cloze, capability probes and story completions.
 
-    python evaluate.py --model out/quickstart/best --model out/laptop/best --data ../shared/data/tinystories_test.txt
+    python evaluate.py --model out/quickstart/best --model out/laptop/best --data test.txt
 """
 
 import argparse
@@ -26,9 +26,8 @@ from tinylm.evaluation.report import render, table
 from tinylm.evaluation.scoring import continuation_logprobs, evaluate_stories, loss_numbers, token_view
 from tinylm.evaluation.storymetrics import completion_metrics
 from tinylm.hub import resolve_pretrained
-from tinylm.storage import atomic_write, storage_failure, write_json, write_text
+from tinylm.storage import atomic_write, read_json, storage_failure, write_json, write_text
 
-TRAIN_GLOB = "../shared/data/tinystories_train_*.txt"  # the README's train files
 GUIDE = """what it measures, per model:
   loss         nats/token, perplexity and bits per UTF-8 byte on --data (what inference.py --eval_file says);
                bits/byte compare models with different vocabularies fairly
@@ -48,7 +47,7 @@ An option wins when the model gives it the highest log-probability after the con
 Wilson interval; a model whose interval holds chance has shown nothing.
 
 examples:
-  python evaluate.py --model out/quickstart/best --data ../shared/data/tinystories_test.txt
+  python evaluate.py --model out/quickstart/best --data test.txt
   python evaluate.py --model out/quickstart/best --model roneneldan/TinyStories-1M --data test.txt --json r.json
   python evaluate.py --model out/laptop/best --data test.txt --baseline ngram --train "train/*.txt" --report r.html
 """
@@ -80,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=50, help="completions sample from the k most likely tokens (0: all)")
     p.add_argument("--baseline", choices=["ngram"], default=None, help="also score an interpolated Kneser-Ney "
                    "n-gram model of GPT-Neo tokens fitted on --train: what counting alone gets")
-    p.add_argument("--train", default=TRAIN_GLOB, help=f"the baseline's training stories (default: {TRAIN_GLOB})")
+    p.add_argument("--train", default=None, help="the baseline's training stories (default: the data.dataset "
+                   "the first --model that records it was trained on, from its training_config.json)")
     p.add_argument("--order", type=int, default=4, help="the baseline's n")
     p.add_argument("--judge", default=None, metavar="URL", help="grade each completion as the paper does, by a judge "
                    "model at this OpenAI-compatible base URL (OpenAI, vLLM, llama.cpp's server, Ollama)")
@@ -206,6 +206,21 @@ def train_files(spec: str) -> list[str]:
         return []
 
 
+def recorded_train_data(folders: dict[str, str]) -> str | None:
+    """The local training stories (data.dataset of training_config.json) of the first model that records them."""
+    for name, folder in folders.items():
+        try:
+            dataset = read_json(os.path.join(resolve_pretrained(folder), "training_config.json"), "checkpoint")
+            dataset = dataset["data"]["dataset"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a hub model, or a folder transformers wrote: no record
+        if isinstance(dataset, str) and train_files(dataset):
+            print(f"# --train not given: the baseline fits on {dataset}, what {name} was trained on",
+                  file=sys.stderr)
+            return dataset
+    return None
+
+
 def load_inputs(args):
     """The stories, cloze items and probes, checked before any model is loaded."""
     for flag, value, least in (("--batch_size", args.batch_size, 1), ("--block_size", args.block_size, 1),
@@ -228,12 +243,17 @@ def load_inputs(args):
             except OSError as e:
                 raise ValueError(f"{flag} {path}: {storage_failure(e, os.path.dirname(path), flag) or e}") from None
     if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data {args.data} is no file; pass held-out stories, e.g. "
-                                "../shared/data/tinystories_test.txt")
+        raise FileNotFoundError(f"--data {args.data} is no file; pass a file of held-out stories that the models "
+                                "did not train on, separated by <|endoftext|> lines")
     stories = list(non_empty(read_stories([args.data]), {}))
     if args.cloze_items is not None and not 1 <= args.cloze_items <= len(stories):
         raise ValueError(f"--cloze_items {args.cloze_items}: {args.data} holds {len(stories)} stories and the cloze "
                          f"takes at most one item from each; ask for 1 to {len(stories)}")
+    if args.baseline and args.train is None:
+        args.train = recorded_train_data(args.folders)
+        if args.train is None:
+            raise ValueError(f"--baseline {args.baseline} fits on the models' training stories, and no --model "
+                             "records local ones (data.dataset in its training_config.json): pass them with --train")
     if args.baseline and not train_files(args.train):
         raise ValueError(f"--baseline {args.baseline} fits on --train {args.train}, which matches no file; pass the "
                          "models' training stories with --train")

@@ -142,3 +142,25 @@ def test_help_reads_as_a_guide():
     assert done.returncode == 0
     for words in ("story cloze", "Chance is 25%", "--probes", "Wilson interval", "examples:"):
         assert words in done.stdout
+
+
+def test_the_baseline_fits_on_the_training_stories_the_checkpoint_records(untrained, tmp_path, capsys):
+    folder, _ = untrained
+    held_out = write_txt(tmp_path / "held_out.txt", make_stories(60, 11))
+    train = write_txt(tmp_path / "train.txt", make_stories(300, 12))
+    args = ["--data", held_out, "--baseline", "ngram", "--completions", "0", "--completion_tokens", "0",
+            "--cloze_items", "10", "--json", str(tmp_path / "r.json")]
+    # a folder that records no training data (a hub model, or one transformers wrote): one sentence naming --train
+    with pytest.raises(SystemExit, match=r"no --model records local ones \(data.dataset in its "
+                                         r"training_config.json\): pass them with --train"):
+        evaluate_main(["--model", folder, *args])
+    trained = tmp_path / "trained"
+    shutil.copytree(folder, trained)
+    (trained / "training_config.json").write_text(json.dumps({"data": {"dataset": train}}))
+    capsys.readouterr()
+    evaluate_main(["--model", folder, "--model", str(trained), *args])
+    assert f"# --train not given: the baseline fits on {train}, what {trained} was trained on" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["models"]["4-gram"]["bits_per_byte"] > 0
+    with pytest.raises(SystemExit, match=r"--data .*missing.txt is no file; pass a file of held-out stories") as e:
+        evaluate_main(["--model", str(trained), "--data", str(tmp_path / "missing.txt")])
+    assert "shared" not in str(e.value)
