@@ -8,7 +8,7 @@ Four kinds of process, each started anew every repeat (so nothing is warm but th
   transformers      the 10-line transformers script that does the same (tokenizer, model, generate, print)
   generate 1M       in a new process, the first `generate()` of 300 greedy tokens on the TinyStories-1M shape
                     (random weights), timed inside the process: ours (default backend) and transformers'
-Prints the median and range of each, and the ratios the README reports.
+Prints the median and range of each, and the ratios docs/speed.md reports.
 """
 
 import argparse
@@ -81,7 +81,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(ROOT, args.model, "tokenizer.json")):
-        sys.exit(f"error: --model {args.model} has no tokenizer.json; train the quickstart first (README, Start now)")
+        sys.exit(f"error: --model {args.model} has no tokenizer.json; train the quickstart first (README, Start)")
     py = sys.executable
     with tempfile.TemporaryDirectory() as folder:
         one_1m_model(folder)
