@@ -108,8 +108,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    """Check the config and take train.out_dir for this process alone, before any work; then train."""
+def main(argv=None, clock=time.time) -> int:
+    """Check the config and take train.out_dir for this process alone, before any work; then train. `clock`
+    (seconds) times the run and its max_minutes: tests pass one that advances per call, never racing the machine."""
     args = parse_args(argv)
     with contextlib.ExitStack() as held:
         try:
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
             notes = check_run_folder(args, config)
         except (ValueError, StorageError) as e:
             raise SystemExit(f"error: {e}") from None
-        return train(args, config, notes, rank, world, device)
+        return train(args, config, notes, rank, world, device, clock)
 
 
 @dataclasses.dataclass
@@ -148,7 +149,8 @@ class Run:
     wandb_run: object = None
     stop: dict = dataclasses.field(default_factory=lambda: {"signals": [], "evaluating": False})
     bar: tqdm | None = None
-    start: float = 0.0  # time.time() when the run would have started had it never been interrupted
+    clock: object = time.time  # seconds; what max_minutes, the schedule and tokens/s measure
+    start: float = 0.0  # clock() when the run would have started had it never been interrupted
 
     @property
     def master(self) -> bool:
@@ -178,14 +180,15 @@ class Run:
             self.log(line)
 
 
-def train(args, config: dict, notes: list[str], rank: int, world: int, device) -> int:
+def train(args, config: dict, notes: list[str], rank: int, world: int, device, clock=time.time) -> int:
     """Set up, run the loop until a limit, a signal or early stopping ends it, save, and say how it went."""
     run = set_up(args, config, notes, rank, world, device)
-    first_step, first_tokens, t_first = run.state["step"], run.state["tokens"], time.time()
+    run.clock = clock
+    first_step, first_tokens, t_first = run.state["step"], run.state["tokens"], clock()
     run.bar = budget_bar(budget_progress(run.state, run.t, run.state["elapsed"]),
                          enabled=run.master and sys.stderr.isatty())
     previous_handlers = catch_stop_signals(run.stop, run.say, can_skip_evaluation=world == 1)
-    run.start = time.time() - run.state["elapsed"]
+    run.start = clock() - run.state["elapsed"]
     try:
         reason, exit_code = training_loop(run)
         run.bar.close()
@@ -196,7 +199,7 @@ def train(args, config: dict, notes: list[str], rank: int, world: int, device) -
     finally:
         restore_signals(previous_handlers)
     summarize(run, reason, exit_code, run.state["step"] - first_step, run.state["tokens"] - first_tokens,
-              time.time() - t_first)
+              clock() - t_first)
     if dist.is_initialized():
         # every rank waits for rank 0's saving and plotting: a rank that tore its process group down while the
         # other still used it died at exit in gloo ("terminate called without an active exception")
@@ -279,10 +282,10 @@ def training_loop(run: Run) -> tuple[str, int]:
     (why it stopped, exit status)."""
     t, state = run.t, run.state
     run.model.train()
-    t_last = time.time()
+    t_last = run.clock()
     while True:
         # every rank takes the same branch: the time limit and signals are decided by all of them together
-        elapsed, signalled = sum_over_ranks(time.time() - run.start, float(bool(run.stop["signals"])),
+        elapsed, signalled = sum_over_ranks(run.clock() - run.start, float(bool(run.stop["signals"])),
                                             device=run.device)
         elapsed /= run.world  # the ranks' mean: every rank takes the same learning rate and stop decision
         reason, exit_code = limit_reached(run, elapsed, signalled)
@@ -302,7 +305,7 @@ def training_loop(run: Run) -> tuple[str, int]:
         loss, lr = train_step(run, elapsed)
         if not math.isfinite(loss):
             return f"loss became {loss} at step {step}; the last good checkpoint is {run.last_dir}", 1
-        now = time.time()
+        now = run.clock()
         tok_s = tokens_per_step(run) / (now - t_last)
         t_last = now
         record(run, {"step": step + 1, "tokens": state["tokens"], "loss": loss, "lr": lr, "tok_s": round(tok_s)})
@@ -379,7 +382,7 @@ def evaluate_and_save(run: Run):
     state["best_val"], state["bad_evals"] = (val, 0) if improved else (state["best_val"], state["bad_evals"] + 1)
     record(run, {"step": state["step"], "tokens": state["tokens"], "val_loss": val})
     run.say(f"step {state['step']:6d} | val {val:.4f} | best {state['best_val']:.4f}")
-    state["elapsed"] = time.time() - run.start
+    state["elapsed"] = run.clock() - run.start
     if run.master:
         if improved:
             save_checkpoint(run.best_dir, run.model, run.tokenizer, run.opt, state, run.config, resumable=False)
@@ -400,7 +403,7 @@ def finish(run: Run, reason: str, exit_code: int):
     """After the loop: last/ where the final evaluation was skipped, the stop in metrics, the loss curve."""
     state = run.state
     if run.master and exit_code != 1 and state.get("evaluated_step") != state["step"]:
-        state["elapsed"] = time.time() - run.start
+        state["elapsed"] = run.clock() - run.start
         save_checkpoint(run.last_dir, run.model, run.tokenizer, run.opt, state, run.config)
     record(run, {"step": state["step"], "stop": reason})
     if run.master:

@@ -94,3 +94,15 @@ def train_config(tmp_path, **train):
     path = tmp_path / "x.config"
     path.write_text(text)
     return str(path)
+
+
+class FakeClock:
+    """A clock for training runs (train.main's `clock`): each reading is `tick` seconds after the one before, so
+    how many steps fit in a max_minutes depends on the code alone, never on how busy the machine is."""
+
+    def __init__(self, tick: float = 0.02):
+        self.now, self.tick = 1_000_000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPTNeoForCausalLM
 
-from helpers import ROOT, train_config
+from helpers import ROOT, FakeClock, train_config
 from model import GPTNeo
 from train import main as train_main
 
@@ -197,7 +197,7 @@ def saved_state(tmp_path, name):
 @pytest.mark.parametrize("limit", [{"max_tokens": 13 * 8 * 32}, {"max_minutes": 0.02, "eval_interval": 1000}])
 def test_a_limit_evaluates_the_final_model_before_it_stops(tmp_path, limit):
     # stopped between two evaluations: the final weights are scored, and best/ holds them when they are better
-    assert train_main(["--config", train_config(tmp_path, **{"max_steps": 1000, **limit})]) == 0
+    assert train_main(["--config", train_config(tmp_path, **{"max_steps": 1000, **limit})], clock=FakeClock()) == 0
     metrics = read_metrics(tmp_path)
     stop_step = metrics[-1]["step"]
     assert metrics[-1]["stop"].startswith(next(iter(limit))) and 0 < stop_step < 1000
@@ -246,7 +246,7 @@ def test_resume_keeps_the_checkpoints_tokenizer_and_refuses_another_model_shape(
 
 def test_resume_after_a_limit_says_which_limit_to_raise(tmp_path, capsys):
     config = train_config(tmp_path, max_steps=1000, max_minutes=0.01, eval_interval=1000)
-    assert train_main(["--config", config]) == 0
+    assert train_main(["--config", config], clock=FakeClock()) == 0
     out = capsys.readouterr().out
     assert "max_minutes reached" in out and "--set train.max_minutes=0.02" in out and "--resume" in out
     assert "tokens/s" in out and f"sample: python inference.py --model {tmp_path / 'out' / 'best'}" in out
@@ -254,7 +254,7 @@ def test_resume_after_a_limit_says_which_limit_to_raise(tmp_path, capsys):
                                          r"--set train.max_minutes=0.02"):
         train_main(["--config", config, "--resume"])
     step = saved_state(tmp_path, "last")["step"]
-    assert train_main(["--config", config, "--resume", "--set", "train.max_minutes=0.02"]) == 0
+    assert train_main(["--config", config, "--resume", "--set", "train.max_minutes=0.02"], clock=FakeClock()) == 0
     assert saved_state(tmp_path, "last")["step"] > step
 
 
@@ -344,7 +344,7 @@ def test_the_decay_completes_when_the_time_limit_stops_the_run(tmp_path, schedul
     # warmup_steps and max_steps far beyond what 3 seconds allow: the schedule follows the clock instead
     config = train_config(tmp_path, max_minutes=0.05, max_steps=10 ** 6, warmup_steps=10 ** 6, eval_interval=10 ** 6,
                           lr=3e-3, min_lr=1e-4, lr_schedule=schedule)
-    assert train_main(["--config", config]) == 0
+    assert train_main(["--config", config], clock=FakeClock()) == 0
     lrs = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m]
     assert read_metrics(tmp_path)[-1]["stop"].startswith("max_minutes") and len(lrs) > 20
     assert max(lrs) > 0.9 * 3e-3  # the warmup ended within the budget
@@ -358,7 +358,7 @@ def test_the_progress_bar_follows_the_budget_that_stops_the_run(tmp_path, monkey
     terminal.isatty = lambda: True
     monkeypatch.setattr(sys, "stderr", terminal)
     config = train_config(tmp_path, max_minutes=0.04, max_steps=10 ** 6, eval_interval=10 ** 6)
-    assert train_main(["--config", config]) == 0
+    assert train_main(["--config", config], clock=FakeClock()) == 0
     frames = [f for f in terminal.getvalue().split("\r") if "of the budget" in f]
     assert frames and "1000000" not in terminal.getvalue()
     assert frames[-1].lstrip().startswith(("99%", "100%")) and "step=" in frames[-1]
@@ -371,9 +371,9 @@ def test_a_resumed_run_continues_the_same_time_schedule(tmp_path, monkeypatch):
                           lr=3e-3, min_lr=1e-4)
     with monkeypatch.context() as patch:
         interrupt_at_train_step(patch, 30)
-        assert train_main(["--config", config]) == 130
+        assert train_main(["--config", config], clock=FakeClock()) == 130
     before = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m]
-    assert train_main(["--config", config, "--resume"]) == 0
+    assert train_main(["--config", config, "--resume"], clock=FakeClock()) == 0
     after = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m][len(before):]
     assert len(before) == 30 and len(after) > 10
     assert 0.8 * before[-1] < after[0] <= before[-1]  # picks up where it stopped, on the clock of the whole run
