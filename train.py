@@ -151,6 +151,7 @@ class Run:
     bar: tqdm | None = None
     clock: object = time.time  # seconds; what max_minutes, the schedule and tokens/s measure
     start: float = 0.0  # clock() when the run would have started had it never been interrupted
+    evaluated_progress: float = 0.0  # the budget spent at the latest evaluation (eval_budget_fraction)
 
     @property
     def master(self) -> bool:
@@ -189,6 +190,7 @@ def train(args, config: dict, notes: list[str], rank: int, world: int, device, c
                          enabled=run.master and sys.stderr.isatty())
     previous_handlers = catch_stop_signals(run.stop, run.say, can_skip_evaluation=world == 1)
     run.start = clock() - run.state["elapsed"]
+    run.evaluated_progress = budget_progress(run.state, run.t, run.state["elapsed"])
     try:
         reason, exit_code = training_loop(run)
         run.bar.close()
@@ -289,8 +291,10 @@ def training_loop(run: Run) -> tuple[str, int]:
                                             device=run.device)
         elapsed /= run.world  # the ranks' mean: every rank takes the same learning rate and stop decision
         reason, exit_code = limit_reached(run, elapsed, signalled)
+        progress = budget_progress(state, t, elapsed)
         # every stop evaluates the model it ends with, so best/ is never older than the final weights
-        if (reason or state["step"] % t.eval_interval == 0) and state.get("evaluated_step") != state["step"]:
+        if (reason or evaluation_due(run, progress)) and state.get("evaluated_step") != state["step"]:
+            run.evaluated_progress = progress
             try:
                 evaluate_and_save(run)
             except SkipEvaluation:  # a second signal: stop now, saving last/ without the evaluation
@@ -314,6 +318,15 @@ def training_loop(run: Run) -> tuple[str, int]:
                             refresh=False)
         if run.bar.disable and (step + 1) % t.log_interval == 0:
             run.log(f"step {step + 1:6d} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:.0f} tok/s")
+
+
+def evaluation_due(run: Run, progress: float) -> bool:
+    """Every eval_interval steps, and whenever eval_budget_fraction of the budget has passed since the latest
+    evaluation: a 5-minute run that manages 70 steps still evaluates along the way, not at step 0 and the end."""
+    t = run.t
+    if run.state["step"] % t.eval_interval == 0:
+        return True
+    return t.eval_budget_fraction is not None and progress - run.evaluated_progress >= t.eval_budget_fraction
 
 
 def limit_reached(run: Run, elapsed: float, signalled: bool) -> tuple[str | None, int]:

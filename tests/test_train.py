@@ -351,6 +351,20 @@ def test_the_decay_completes_when_the_time_limit_stops_the_run(tmp_path, schedul
     assert lrs[-1] < 1e-4 + 0.05 * (3e-3 - 1e-4)  # and the decay with it
 
 
+@pytest.mark.parametrize("fraction, evaluations", [(0.25, 5), ("none", 2)])
+def test_a_time_limited_run_evaluates_along_its_budget_not_only_at_its_ends(tmp_path, fraction, evaluations):
+    # a 3-second budget in which eval_interval (10 ** 6 steps) never comes: the budget says when to evaluate
+    config = train_config(tmp_path, max_minutes=0.05, max_steps=10 ** 6, eval_interval=10 ** 6,
+                          eval_budget_fraction=fraction)
+    assert train_main(["--config", config], clock=FakeClock()) == 0
+    metrics = read_metrics(tmp_path)
+    evaluated = [m["step"] for m in metrics if "val_loss" in m]
+    assert len(evaluated) == evaluations and evaluated[0] == 0 and evaluated[-1] == metrics[-1]["step"]
+    if fraction != "none":  # evenly along the budget (the clock ticks evenly here), the last one at the stop
+        gaps = [b - a for a, b in zip(evaluated, evaluated[1:])]
+        assert max(gaps[:-1]) - min(gaps[:-1]) <= 1 and 0 < gaps[-1] <= gaps[0], evaluated
+
+
 def test_the_progress_bar_follows_the_budget_that_stops_the_run(tmp_path, monkeypatch):
     # a terminal, and a run that max_minutes stops long before max_steps: the bar counts the time budget
     import io

@@ -145,6 +145,7 @@ def test_out_dir_is_taken_as_the_folder_it_names(tmp_path):
     ("train.max_steps=0", r"max_steps must be a positive number of steps"),
     ("train.patience=-1", r"patience must be a positive number of evaluations, or 0 for no early stopping"),
     ("train.eval_interval=0", r"eval_interval must be positive"),
+    ("train.eval_budget_fraction=0", r"eval_budget_fraction must be in \(0, 1\], or none for eval_interval alone"),
 ])
 def test_every_limit_is_a_positive_number_or_its_way_of_saying_no_limit(tmp_path, setting, message):
     path = write(tmp_path, "[train]\nlr = 1e-3\n")

@@ -66,6 +66,10 @@ class TrainConfig:
     max_tokens: int | None = None  # stop after this many training tokens
     max_minutes: float | None = None  # stop after this much wall time
     eval_interval: int = 200  # steps between validation evaluations
+    # ...and at least this often as a fraction of the budget (the one closest to stopping the run, as the schedule
+    # follows), so a time-limited run on a slow or busy machine still evaluates along the way; none: eval_interval
+    # alone
+    eval_budget_fraction: float | None = 0.1
     eval_tokens: int = 100_000  # validation tokens scored per evaluation
     patience: int = 5  # evaluations without improvement before early stopping; 0: no early stopping
     min_delta: float = 0.0  # improvement in validation loss that counts
@@ -93,6 +97,9 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.lr_schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine', 'wsd' or 'constant', got {self.lr_schedule!r}")
+        if self.eval_budget_fraction is not None and not 0 < self.eval_budget_fraction <= 1:
+            raise ValueError(f"eval_budget_fraction must be in (0, 1], or none for eval_interval alone, got "
+                             f"{self.eval_budget_fraction:g}")
         for name in ("decay_fraction", "warmup_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
