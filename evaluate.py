@@ -27,6 +27,7 @@ from tinylm.evaluation.scoring import continuation_logprobs, evaluate_stories, l
 from tinylm.evaluation.storymetrics import completion_metrics
 from tinylm.hub import resolve_pretrained
 from tinylm.storage import atomic_write, read_json, storage_failure, write_json, write_text
+from tinylm.wording import plural
 
 GUIDE = """what it measures, per model:
   loss         nats/token, perplexity and bits per UTF-8 byte on --data (what inference.py --eval_file says);
@@ -48,8 +49,8 @@ Wilson interval; a model whose interval holds chance has shown nothing.
 
 examples:
   python evaluate.py --model out/quickstart/best --data test.txt
-  python evaluate.py --model out/quickstart/best --model roneneldan/TinyStories-1M --data test.txt --json r.json
-  python evaluate.py --model out/laptop/best --data test.txt --baseline ngram --train "train/*.txt" --report r.html
+  python evaluate.py --model out/quickstart/best --model roneneldan/TinyStories-1M --data test.txt --json out/eval.json
+  python evaluate.py --model out/laptop/best --data test.txt --baseline ngram --train "train/*.txt" --report out/eval.html
 """
 
 
@@ -104,13 +105,17 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (center - half) / (1 + z * z / n), (center + half) / (1 + z * z / n)
 
 
+def is_right(options: list[tuple[float, int]], answer: int, per_byte: bool = False) -> bool:
+    """An item counts only when its answer beats every other option, by summed log-probability or per byte."""
+    value = (lambda nats, size: nats / size) if per_byte else (lambda nats, size: nats)
+    return all(value(*options[answer]) > value(*o) for j, o in enumerate(options) if j != answer)
+
+
 def accuracy(scores: list[list[tuple[float, int]]], answers: list[int]) -> dict:
-    """acc (summed log-probability) and acc_bytes (per UTF-8 byte) of multiple-choice items, with intervals; an
-    item counts only when its answer beats every other option."""
+    """acc (summed log-probability) and acc_bytes (per UTF-8 byte) of multiple-choice items, with intervals."""
     result = {"n": len(answers)}
-    for key, value in (("acc", lambda nats, size: nats), ("acc_bytes", lambda nats, size: nats / size)):
-        right = sum(all(value(*options[a]) > value(*o) for j, o in enumerate(options) if j != a)
-                    for options, a in zip(scores, answers))
+    for key, per_byte in (("acc", False), ("acc_bytes", True)):
+        right = sum(is_right(options, a, per_byte) for options, a in zip(scores, answers))
         result[key], result[key + "_ci"] = right / max(len(answers), 1), list(wilson(right, len(answers)))
     return result
 
@@ -171,6 +176,7 @@ def multiple_choice(score_pairs, items, probes) -> dict:
     result = {f"cloze_{k}": v for k, v in accuracy(cloze, [i.answer for i in items]).items()}
     options = [[probe_continuation(p["prompt"], a) for a in [p["right"], *p["wrong"]]] for p in probes]
     probe_scores = per_item(score_pairs, [p["prompt"] for p in probes], options)
+    result["probe_right"] = [is_right(options, 0) for options in probe_scores]
     result["probes"] = {}
     for category in sorted({p["category"] for p in probes}) + ["all"]:
         chosen = [j for j, p in enumerate(probes) if category in ("all", p["category"])]
@@ -247,7 +253,7 @@ def load_inputs(args):
                                 "did not train on, separated by <|endoftext|> lines")
     stories = list(non_empty(read_stories([args.data]), {}))
     if args.cloze_items is not None and not 1 <= args.cloze_items <= len(stories):
-        raise ValueError(f"--cloze_items {args.cloze_items}: {args.data} holds {len(stories)} stories and the cloze "
+        raise ValueError(f"--cloze_items {args.cloze_items}: {args.data} holds {plural(len(stories), 'story')} and the cloze "
                          f"takes at most one item from each; ask for 1 to {len(stories)}")
     if args.baseline and args.train is None:
         args.train = recorded_train_data(args.folders)
@@ -266,6 +272,10 @@ def load_inputs(args):
     items = cloze_items(stories, args.cloze_items or len(stories), args.seed)
     if not items:
         raise ValueError(f"{args.data} has no story of 4 sentences or more, so no cloze item can be built")
+    if not os.path.isfile(args.probes):
+        raise FileNotFoundError(f"--probes {args.probes} is no file; pass a JSONL file of probes, one "
+                                '{"category", "prompt", "right", "wrong"} per line, or leave --probes out for the '
+                                "built-in ones")
     return stories, items, read_probes(args.probes)
 
 
@@ -308,7 +318,7 @@ def main(argv=None):
     text = table(report)
     print(text)
     if args.report:
-        atomic_write(args.report, lambda p: write_text(p, render(report, text)))
+        atomic_write(args.report, lambda p: write_text(p, render(report)))
         print(f"# report in {args.report}", file=sys.stderr)
     if args.json:
         write_json(args.json, report)

@@ -9,6 +9,7 @@
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from tinylm.devices import pick_device
 from tinylm.evaluation.scoring import evaluate_file
 from tinylm.hub import resolve_pretrained
 from tinylm.modeling.generation import DECODE_BACKENDS
+from tinylm.wording import plural
 
 DEFAULT_HUB_MODEL = "roneneldan/TinyStories-1M"
 CHECKPOINT_ROOT = "out"
@@ -47,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--native", action="store_true", help="--backend native, and an error where it cannot run")
     p.add_argument("--eval_file", default=None, help="instead of sampling, score this text file (stories separated "
                    "by <|endoftext|>): loss in nats/token, perplexity and bits per UTF-8 byte")
-    p.add_argument("--block_size", type=int, default=512, help="context of each scored piece with --eval_file "
-                   "(train.py's data.block_size gives the same number as its validation loss)")
+    p.add_argument("--block_size", type=int, default=None, help="context of each scored piece with --eval_file "
+                   "(default: the model's context, at most 512; train.py's data.block_size gives the same number as "
+                   "its validation loss)")
     p.add_argument("--batch_size", type=int, default=8, help="pieces scored at once with --eval_file")
     p.add_argument("--serve", action="store_true", help="start the story playground, a web page on --host:--port: "
                    f"every --model and the finished runs under {CHECKPOINT_ROOT}/")
@@ -128,10 +131,6 @@ def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: int) -> int
     return min(max_new_tokens, context - prompt_tokens)
 
 
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def check_args(args):
     """Every flag a number can get wrong, each named in its error, before a model is loaded."""
     if not args.temperature >= 0:
@@ -142,7 +141,7 @@ def check_args(args):
         raise ValueError(f"--top_p must be in (0, 1] (1: no limit), got {args.top_p}")
     for flag, value, least in (("--max_new_tokens", args.max_new_tokens, 0), ("--num_samples", args.num_samples, 1),
                                ("--block_size", args.block_size, 1), ("--batch_size", args.batch_size, 1)):
-        if value < least:
+        if value is not None and value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if args.native and args.compile:
         raise ValueError("--native and --compile are two backends; pass one (or --backend)")
@@ -153,10 +152,16 @@ def check_args(args):
         raise ValueError(f"--port must be from 0 (a free one) to 65535, got {args.port}")
     if args.max_streams < 1:
         raise ValueError(f"--max_streams must be >= 1, got {args.max_streams}")
+    if args.eval_file is not None and not os.path.isfile(args.eval_file):
+        raise FileNotFoundError(f"--eval_file {args.eval_file}: no eval file there; pass a text file of stories "
+                                "separated by <|endoftext|> lines")
 
 
-def fit_block_size(block_size: int, context: int) -> int:
-    """--block_size lowered, with a note, to the model's context: a scored piece cannot be longer."""
+def fit_block_size(block_size: int | None, context: int) -> int:
+    """--block_size lowered to the model's context, a scored piece being no longer, with a note when the user
+    asked for more; not given: the model's context, at most 512."""
+    if block_size is None:
+        return min(512, context)
     if block_size > context:
         print(f"# note: --block_size {block_size} lowered to {context}, the model's context (max_position_embeddings)",
               file=sys.stderr)
@@ -188,8 +193,8 @@ def serve(args, device):
             server.serve_forever()
     except KeyboardInterrupt:
         open_streams = server.playground.stop()  # each open story gets its last event; generation threads end
-        print(f"# playground stopped{f' ({open_streams} open stories ended)' if open_streams else ''}",
-              file=sys.stderr)
+        ended = f" ({plural(open_streams, 'open story')} ended)" if open_streams else ""
+        print(f"# playground stopped{ended}", file=sys.stderr)
     finally:
         server.server_close()
     return 0
@@ -227,7 +232,7 @@ def main(argv=None):
             r = evaluate_file(model, tokenizer, args.eval_file, args.batch_size, block_size, device)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
-        print(f"{args.eval_file}: {r['tokens']:,} tokens scored ({r['stories']:,} stories, {r['bytes']:,} bytes) | "
+        print(f"{args.eval_file}: {plural(r['tokens'], 'token')} scored ({plural(r['stories'], 'story')}, {plural(r['bytes'], 'byte')}) | "
               f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} bits/byte")
         return
     idx = encode_prompt(tokenizer, args.prompt, device)

@@ -321,12 +321,15 @@ def training_loop(run: Run) -> tuple[str, int]:
 
 
 def evaluation_due(run: Run, progress: float) -> bool:
-    """Every eval_interval steps, and whenever eval_budget_fraction of the budget has passed since the latest
-    evaluation: a 5-minute run that manages 70 steps still evaluates along the way, not at step 0 and the end."""
+    """Every eval_interval steps, and in a time-limited run whenever eval_budget_fraction of the budget has passed
+    since the latest evaluation: a 5-minute run that manages 70 steps still evaluates along the way, not at step 0
+    and the end. Step and token limits say in advance how many steps come, so eval_interval alone serves them."""
     t = run.t
     if run.state["step"] % t.eval_interval == 0:
         return True
-    return t.eval_budget_fraction is not None and progress - run.evaluated_progress >= t.eval_budget_fraction
+    if t.eval_budget_fraction is None or not t.max_minutes:
+        return False
+    return progress - run.evaluated_progress >= t.eval_budget_fraction
 
 
 def limit_reached(run: Run, elapsed: float, signalled: bool) -> tuple[str | None, int]:

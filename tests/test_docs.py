@@ -3,6 +3,9 @@
 import glob
 import os
 import re
+import subprocess
+
+import pytest
 
 from helpers import ROOT
 
@@ -33,3 +36,18 @@ def test_every_relative_link_and_anchor_resolves():
             assert os.path.exists(file), f"{os.path.relpath(page, ROOT)} links to {target}, which is not there"
             if anchor:
                 assert anchor in anchors(open(file, encoding="utf-8").read()), f"{page}: no #{anchor} in {file}"
+
+
+def test_what_the_documented_commands_write_is_ignored_by_git():
+    # a user who runs them verbatim must not find their reports among the files to commit
+    if not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    outputs = set()
+    for path in [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md")),
+                 *glob.glob(os.path.join(ROOT, "*.py"))]:
+        outputs |= set(re.findall(r"--(?:report|json|out_dir|out) (?!docs/)([\w-]*[./][\w./-]*)", open(path).read()))
+    outputs |= {"eval.html", "eval.json"}  # the names a user picks for evaluate.py's in the root
+    assert "out/eval.html" in outputs
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(ignored) == sorted(outputs)

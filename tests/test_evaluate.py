@@ -82,15 +82,37 @@ def test_the_report_is_one_self_contained_page(untrained, tmp_path):
             self.fetches += [v for k, v in attrs.items() if k in ("src", "href", "srcset", "data", "action") and v]
             if tag == "span" and "title" in attrs and "top 5" in attrs["title"]:
                 self.tokens.append(attrs["title"])
+            if tag == "path" and attrs.get("class") == "ci":
+                self.whiskers.append(attrs["d"])
+            if tag == "span" and attrs.get("class", "").startswith("verdict "):
+                self.marks.append(attrs["class"].split()[1])
+            if tag == "td":
+                self.cells.append("")
+
+        def handle_data(self, data):
+            if self.cells and self.tags[-1] == "td":
+                self.cells[-1] += data
     evaluate_main(["--model", folder, "--data", data, "--completions", "2", "--story_tokens", "8",
-                   "--completion_tokens", "3", "--report", str(tmp_path / "r.html"), "--report_stories", "2"])
+                   "--completion_tokens", "3", "--report", str(tmp_path / "r.html"), "--report_stories", "2",
+                   "--json", str(tmp_path / "r.json")])
     text = (tmp_path / "r.html").read_text()
+    scores = json.loads((tmp_path / "r.json").read_text())["models"][folder]
     page = Page()
+    page.whiskers, page.marks, page.cells = [], [], []
     page.feed(text)
     assert page.fetches == [] and "script" not in page.tags and "link" not in page.tags and "url(" not in text
     assert page.tags.count("svg") == 5  # the cloze and each probe category, and all probes
-    assert len(page.tokens) > 20 and "bits/byte" in text  # two stories token by token, and the table
-    assert "Lily was very tired after playing all day, so she went to" in text  # every probe with its completion
+    assert len(page.whiskers) == 5  # each bar has its 95% interval
+    assert len(page.tokens) > 20  # two stories token by token
+    # the side-by-side numbers are a real table, not a text block
+    assert "pre" not in page.tags and page.cells[:3] == ["parameters", f"{scores['params'] / 1e6:.2f}M", ""]
+    assert "bits/byte" in page.cells and f"{scores['bits_per_byte']:.4f}" in page.cells
+    # every probe with its completion, marked right or wrong for the model by its scores
+    assert "Lily was very tired after playing all day, so she went to" in text
+    probes = scores["probes"]["all"]["n"]
+    verdicts = page.marks
+    assert len(scores["probe_right"]) == probes and verdicts == ["right" if r else "wrong" for r in scores["probe_right"]]
+    assert verdicts.count("right") == round(scores["probes"]["all"]["acc"] * probes)
 
 
 def test_a_run_folder_is_its_best_model_and_keeps_its_name(untrained, tmp_path):
@@ -123,6 +145,14 @@ def test_mistakes_are_one_sentence_before_any_scoring(untrained, tmp_path, capsy
         f"error: {tmp_path / 'probes.jsonl'} line 2 has ['category', 'prompt']; a probe has exactly the keys "
         "category, prompt, right and wrong")
     assert fails("--model", folder, "--data", str(tmp_path / "nothing.txt")).startswith("error: --data ")
+    assert fails("--model", folder, "--data", data, "--probes", str(tmp_path / "missing.jsonl")) == (
+        f"error: --probes {tmp_path / 'missing.jsonl'} is no file; pass a JSONL file of probes, one "
+        '{"category", "prompt", "right", "wrong"} per line, or leave --probes out for the built-in ones')
+    assert fails("--model", folder, "--data", str(tmp_path / "few.txt"), "--cloze_items", "50").startswith(
+        f"error: --cloze_items 50: {tmp_path / 'few.txt'} holds 5 stories")
+    write_txt(tmp_path / "one.txt", make_stories(1))
+    assert fails("--model", folder, "--data", str(tmp_path / "one.txt"), "--cloze_items", "2").startswith(
+        f"error: --cloze_items 2: {tmp_path / 'one.txt'} holds 1 story and")
     assert fails("--model", folder, "--model", folder, "--data", data) == "error: a --model is given twice; each " \
                                                                          "model is one column"
     (tmp_path / "notes.md").write_text("Once upon a time.")

@@ -145,7 +145,13 @@ def test_eval_file_matches_transformers_loss(tmp_path):
     assert f"loss {ref:.4f} nats/token" in r.stdout
     assert f"{ref * (ids.size(1) - 1) / math.log(2) / n_bytes:.4f} bits/byte" in r.stdout
     r = run_cli("--model", str(tmp_path / "m"), "--eval_file", str(tmp_path / "missing.txt"))
-    assert r.returncode != 0 and "no eval file at" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    # one sentence naming the flag, and no note about a --block_size the user never passed
+    assert r.stderr.strip() == (f"error: --eval_file {tmp_path / 'missing.txt'}: no eval file there; pass a text file "
+                                "of stories separated by <|endoftext|> lines")
+    (tmp_path / "one.txt").write_text("Once upon a time, a cat sat.\n", encoding="utf-8")
+    r = run_cli("--model", str(tmp_path / "m"), "--eval_file", str(tmp_path / "one.txt"))  # the model's 128, unsaid
+    assert r.returncode == 0 and "lowered" not in r.stderr and "(1 story, 28 bytes)" in r.stdout, r.stderr
 
 
 def test_sharded_evaluation_adds_up_to_the_whole():

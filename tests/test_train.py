@@ -341,9 +341,10 @@ def test_offline_the_hub_dataset_fails_fast_and_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_the_decay_completes_when_the_time_limit_stops_the_run(tmp_path, schedule):
-    # warmup_steps and max_steps far beyond what 3 seconds allow: the schedule follows the clock instead
+    # warmup_steps and max_steps far beyond what 3 seconds allow: the schedule follows the clock instead (evaluated
+    # at the ends only, so that the last step falls near the end of the budget)
     config = train_config(tmp_path, max_minutes=0.05, max_steps=10 ** 6, warmup_steps=10 ** 6, eval_interval=10 ** 6,
-                          lr=3e-3, min_lr=1e-4, lr_schedule=schedule)
+                          lr=3e-3, min_lr=1e-4, lr_schedule=schedule, eval_budget_fraction="none")
     assert train_main(["--config", config], clock=FakeClock()) == 0
     lrs = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m]
     assert read_metrics(tmp_path)[-1]["stop"].startswith("max_minutes") and len(lrs) > 20
@@ -363,6 +364,13 @@ def test_a_time_limited_run_evaluates_along_its_budget_not_only_at_its_ends(tmp_
     if fraction != "none":  # evenly along the budget (the clock ticks evenly here), the last one at the stop
         gaps = [b - a for a, b in zip(evaluated, evaluated[1:])]
         assert max(gaps[:-1]) - min(gaps[:-1]) <= 1 and 0 < gaps[-1] <= gaps[0], evaluated
+
+
+def test_a_step_limited_run_evaluates_every_eval_interval_exactly(tmp_path):
+    # its steps are known in advance, so eval_budget_fraction adds no evaluation (at 0.1 it would evaluate each step)
+    config = train_config(tmp_path, max_steps=8, eval_interval=4, eval_budget_fraction=0.1)
+    assert train_main(["--config", config], clock=FakeClock()) == 0
+    assert [m["step"] for m in read_metrics(tmp_path) if "val_loss" in m] == [0, 4, 8]
 
 
 def test_the_progress_bar_follows_the_budget_that_stops_the_run(tmp_path, monkeypatch):

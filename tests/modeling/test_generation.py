@@ -111,6 +111,10 @@ def test_generate_batch_eos_and_limits():
         assert torch.equal(stopped[1], both[1])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(prompt, 30)  # 3 + 30 > 32
+    with pytest.raises(ValueError) as e:  # a prompt that fills the context: no max_new_tokens fits
+        model.generate(torch.zeros(1, 32, dtype=torch.long, device=DEVICE), 1)
+    assert str(e.value) == ("cannot generate 1 token after a 32-token prompt: the model's context is 32 tokens "
+                            "(max_position_embeddings); shorten the prompt to at most 31 tokens")
     for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             model.generate(prompt, 2, **bad)

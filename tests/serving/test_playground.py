@@ -251,4 +251,4 @@ def test_ctrl_c_mid_story_ends_the_stream_with_a_last_event_and_exits_0(tmp_path
     assert rest and rest[-1]["stopped"].startswith("the server was stopped") and "done" not in rest[-1]
     assert rest[-1]["tokens"] == 9 + sum("id" in event for event in rest[:-1]) < 1000
     assert proc.returncode == 0, err
-    assert "playground stopped (1 open stories ended)" in err and "terminate called" not in err, err
+    assert "playground stopped (1 open story ended)" in err and "terminate called" not in err, err

@@ -23,6 +23,7 @@ from tinylm.data.corpus import HUB_DATASET, note_single_story, resolve_files, sp
 from tinylm.data.pieces import encode_batches, ids_dtype
 from tinylm.data.tokenizer import FULL_VOCAB, gpt_neo_tokenizer, tokenizer_from_file, trim_tokenizer
 from tinylm.storage import atomic_write, outermost_new_folder, storage_failure, write_json
+from tinylm.wording import plural
 CACHE_SETTING = "data.cache_dir (dataload.py --out)"  # what chooses the folder, named in storage errors
 CACHE_VERSION = 2  # bump when the cache format or story handling changes (2: small corpora hold out a story)
 PARALLEL_BYTES = 16 << 20  # corpora above this are tokenized by one process per core
@@ -164,7 +165,7 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
         if os.path.exists(path) and os.path.exists(meta_path):  # the metadata is written last
             with open(meta_path) as f:
                 meta = json.load(f)
-            log(f"{split}: reusing {path} ({meta['tokens']:,} tokens, {meta['stories']:,} stories)")
+            log(f"{split}: reusing {path} ({plural(meta['tokens'], 'token')}, {plural(meta['stories'], 'story')})")
         else:
             check_free_space(out_dir, text_bytes and (text_bytes if split == "train" else text_bytes // 10),
                              np.dtype(ids_dtype(len(tokenizer))).itemsize)
@@ -178,7 +179,7 @@ def build_splits(data, sources, vocab_size, out_dir, workers, log, tokenizer=Non
                         "(dataload.py --val_data) to validation files") if split == "val" else ""
                 raise ValueError(f"the {split} split of {data!r} has no stories{hint}")
             write_json(meta_path, meta)
-            log(f"{split}: wrote {path} ({n:,} tokens, {meta['stories']:,} stories)")
+            log(f"{split}: wrote {path} ({plural(n, 'token')}, {plural(meta['stories'], 'story')})")
         report[f"{split}_tokens"], report[f"{split}_stories"] = meta["tokens"], meta["stories"]
         splits[split] = open_cache(path, len(tokenizer))
     report["tokens_per_story"] = report["train_tokens"] / report["train_stories"]

@@ -2,19 +2,25 @@
 self-contained page (inline CSS and SVG, no script, nothing fetched).
 
     text = table(report)                  # report: what evaluate.py writes with --json
-    html = render(report, text)
+    html = render(report)
 
-It shows the table, a bar chart per probe category and for the cloze, every probe with each model's greedy
-completion, and held-out stories token by token for each model side by side: a token's colour is its loss, and
-hovering shows the model's five most likely tokens at that point.
+Both show the same rows (table_rows). The page has them as an HTML table, a bar chart per probe category and for
+the cloze with each bar's 95% interval as a whisker, every probe with each model's greedy completion marked right
+or wrong by the model's scores, and held-out stories token by token for each model side by side: a token's colour
+is its loss, and hovering shows the model's five most likely tokens at that point.
 """
 
 import html
 
+from tinylm.wording import plural
+
 BAR_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2")
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }
+table.numbers { border-collapse: collapse; font-size: 13px; }
+table.numbers td, table.numbers th { border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: right; }
+table.numbers td:first-child, table.numbers th:first-child { text-align: left; }
+table.numbers td.chance { color: #777; }
 table.probes { border-collapse: collapse; font-size: 12px; width: 100%; }
 table.probes td, table.probes th { border-bottom: 1px solid #ddd; padding: 3px 6px; vertical-align: top; text-align: left; }
 .right { color: #2a7a2a; } .wrong { color: #a33; }
@@ -38,18 +44,23 @@ def loss_color(loss: float) -> str:
 
 
 def bar_chart(title: str, values: dict, chance: float) -> str:
-    """An inline SVG of one accuracy per model, with chance as a dashed line."""
-    width, height, left, bar = 320, 40 + 26 * len(values), 150, 18
+    """An inline SVG of one accuracy per model, values {model: (acc, (low, high))}: a bar, its 95% interval as a
+    whisker, and chance as a dashed line."""
+    width, height, left, bar = 340, 40 + 26 * len(values), 150, 18
+    scale = width - left - 50
     parts = [f'<svg width="{width}" height="{height}" role="img">',
              f'<text x="0" y="14" font-weight="bold" font-size="13">{esc(title)}</text>']
-    for i, (name, acc) in enumerate(values.items()):
+    for i, (name, (acc, (low, high))) in enumerate(values.items()):
         y = 26 + 26 * i
         parts.append(f'<text x="0" y="{y + 13}" font-size="11">{esc(name[-24:])}</text>')
-        parts.append(f'<rect x="{left}" y="{y}" width="{(width - left - 40) * acc:.1f}" height="{bar}" '
-                     f'fill="{BAR_COLORS[i % len(BAR_COLORS)]}"/>')
-        parts.append(f'<text x="{left + (width - left - 40) * acc + 4:.1f}" y="{y + 13}" font-size="11">'
-                     f'{100 * acc:.0f}%</text>')
-    x = left + (width - left - 40) * chance
+        parts.append(f'<rect x="{left}" y="{y}" width="{scale * acc:.1f}" height="{bar}" '
+                     f'fill="{BAR_COLORS[i % len(BAR_COLORS)]}"><title>{esc(name)}: {100 * acc:.1f}%, 95% interval '
+                     f'{100 * low:.1f}-{100 * high:.1f}%</title></rect>')
+        x0, x1, mid = left + scale * low, left + scale * high, y + bar / 2
+        parts.append(f'<path class="ci" d="M{x0:.1f} {mid - 5:.1f}v10M{x0:.1f} {mid:.1f}H{x1:.1f}M{x1:.1f} '
+                     f'{mid - 5:.1f}v10" stroke="#222" fill="none"/>')
+        parts.append(f'<text x="{left + scale * high + 4:.1f}" y="{y + 13}" font-size="11">{100 * acc:.0f}%</text>')
+    x = left + scale * chance
     parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="22" y2="{height}" stroke="#555" stroke-dasharray="4 3"/>')
     parts.append(f'<text x="{x + 2:.1f}" y="{height - 2}" font-size="10" fill="#555">chance</text></svg>')
     return "".join(parts)
@@ -65,8 +76,8 @@ def token_spans(view: list[dict]) -> str:
     return "".join(spans)
 
 
-def table(report: dict) -> str:
-    """The side-by-side table: one row per number, one column per model, then chance."""
+def table_rows(report: dict) -> list[tuple[str, list[str], str]]:
+    """The side-by-side numbers: (label, one cell per model, chance) per row."""
     names = list(report["models"])
     models = [report["models"][n] for n in names]
     pct = lambda acc, ci: f"{100 * acc:.1f}% [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]"
@@ -99,6 +110,12 @@ def table(report: dict) -> str:
             rows.append((f"probes {category} {label} ({n})",
                          [pct(m["probes"][category][key], m["probes"][category][key + "_ci"]) for m in models],
                          f"{100 * guess:.0f}%"))
+    return rows
+
+
+def table(report: dict) -> str:
+    """The side-by-side table as text: one row per number, one column per model, then chance."""
+    names, rows = list(report["models"]), table_rows(report)
     widths = [max(len(r[0]) for r in rows)] + [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in
                                                 enumerate(names)]
     lines = ["  ".join([" " * widths[0]] + [n.ljust(w) for n, w in zip(names, widths[1:])] + ["chance"])]
@@ -107,18 +124,38 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def render(report: dict, table_text: str) -> str:
+def html_table(report: dict) -> str:
+    """The side-by-side numbers as an HTML table."""
+    head = "".join(f"<th>{esc(n)}</th>" for n in report["models"])
+    rows = "".join(f"<tr><td>{esc(label)}</td>{''.join(f'<td>{esc(c)}</td>' for c in cells)}"
+                   f"<td class=chance>{esc(guess)}</td></tr>" for label, cells, guess in table_rows(report))
+    return f"<table class=numbers><tr><th></th>{head}<th>chance</th></tr>{rows}</table>"
+
+
+def probe_cell(model: dict, j: int) -> str:
+    """A model's verdict on probe j by its scores (right when the right answer beats every wrong one), with its
+    greedy completion when it wrote one."""
+    verdict = ""
+    if "probe_right" in model:
+        right = model["probe_right"][j]
+        verdict = f'<span class="verdict {"right" if right else "wrong"}">{"&#10003;" if right else "&#10007;"}</span> '
+    return f"<td>{verdict}{esc(model['probe_completions'][j]) if 'probe_completions' in model else ''}</td>"
+
+
+def render(report: dict) -> str:
     names = list(report["models"])
     models = report["models"]
-    charts = [bar_chart(f"story cloze ({report['cloze_items']} items)", {n: models[n]["cloze_acc"] for n in names},
+    charts = [bar_chart(f"story cloze ({report['cloze_items']} items)",
+                        {n: (models[n]["cloze_acc"], models[n]["cloze_acc_ci"]) for n in names},
                         report["chance"]["cloze"])]
     for category, guess in report["chance"]["probes"].items():
-        charts.append(bar_chart(f"probes: {category}", {n: models[n]["probes"][category]["acc"] for n in names}, guess))
-    head = "".join(f"<th>{esc(n)}</th>" for n in names if "probe_completions" in models[n])
+        scores = {n: (models[n]["probes"][category]["acc"], models[n]["probes"][category]["acc_ci"]) for n in names}
+        charts.append(bar_chart(f"probes: {category}", scores, guess))
+    shown = [n for n in names if "probe_completions" in models[n] or "probe_right" in models[n]]
+    head = "".join(f"<th>{esc(n)}</th>" for n in shown)
     rows = []
     for j, probe in enumerate(report["probes"]):
-        cells = "".join(f"<td>{esc(models[n]['probe_completions'][j])}</td>" for n in names
-                        if "probe_completions" in models[n])
+        cells = "".join(probe_cell(models[n], j) for n in shown)
         rows.append(f"<tr><td>{esc(probe['category'])}</td><td>{esc(probe['prompt'])} "
                     f"<span class=right>{esc(probe['right'])}</span> / <span class=wrong>"
                     f"{esc(' / '.join(probe['wrong']))}</span></td>{cells}</tr>")
@@ -130,12 +167,14 @@ def render(report: dict, table_text: str) -> str:
         stories.append(f'<div class=stories style="grid-template-columns: repeat({len(views)}, 1fr)">{columns}</div>')
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>TinyLM evaluation</title>"
             f"<style>{STYLE}</style></head><body><h1>TinyLM evaluation</h1>"
-            f"<p>{esc(report['data'])}: {report['stories']} stories, {report['cloze_items']} cloze items, "
-            f"{len(report['probes'])} probes, {len(report['beginnings'])} completions.</p>"
-            f"<h2>Side by side</h2><pre>{esc(table_text)}</pre>"
-            f"<h2>Accuracy</h2><div class=charts>{''.join(charts)}</div>"
+            f"<p>{esc(report['data'])}: {plural(report['stories'], 'story')}, {plural(report['cloze_items'], 'cloze item')}, "
+            f"{plural(len(report['probes']), 'probe')}, {plural(len(report['beginnings']), 'completion')}.</p>"
+            f"<h2>Side by side</h2>{html_table(report)}<p>Accuracies with their 95% Wilson intervals.</p>"
+            f"<h2>Accuracy</h2><p>Whiskers: 95% intervals.</p><div class=charts>{''.join(charts)}</div>"
             f"<h2>Held-out stories, token by token</h2><p>Colour: the model's loss on the token (white 0 nats, red 8 "
             f"or more). Hover over a token for the model's five most likely tokens there.</p>{''.join(stories)}"
-            f"<h2>Probes and each model's greedy completion</h2><table class=probes><tr><th>kind</th>"
+            f"<h2>Probes and each model's greedy completion</h2><p><span class=right>&#10003;</span> / "
+            f"<span class=wrong>&#10007;</span>: the model's scores put the right answer above every wrong one (the "
+            f"acc rule), whatever it wrote.</p><table class=probes><tr><th>kind</th>"
             f"<th>prompt, <span class=right>right</span> / <span class=wrong>wrong</span></th>{head}</tr>"
             f"{''.join(rows)}</table></body></html>\n")

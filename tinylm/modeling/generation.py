@@ -10,6 +10,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from tinylm.wording import plural
+
 DECODE_BACKENDS = ("auto", "native", "compile", "eager")  # see GenerationMixin.choose_backend
 # decode.c computes one batch row after another, re-reading the weights for each: measured against the eager
 # step's batched matmuls on 2 cores it wins up to about this many rows x width (TinyStories-1M: 12 rows)
@@ -190,9 +192,10 @@ class GenerationMixin:
         backend = self.choose_backend("compile" if compile else backend, B) if step is None else "step"
         limit = self.config.max_position_embeddings
         if T + max_new_tokens > limit:
-            raise ValueError(f"cannot generate {max_new_tokens} tokens after a {T}-token prompt: the model's "
-                             f"context is {limit} tokens (max_position_embeddings); lower max_new_tokens to "
-                             f"{max(limit - T, 0)} or shorten the prompt")
+            fix = (f"shorten the prompt to at most {limit - 1} tokens" if T >= limit else
+                   f"lower max_new_tokens to {limit - T} or shorten the prompt")
+            raise ValueError(f"cannot generate {plural(max_new_tokens, 'token')} after a {T}-token prompt: the "
+                             f"model's context is {limit} tokens (max_position_embeddings); {fix}")
         if max_new_tokens == 0:
             return
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)

@@ -66,9 +66,9 @@ class TrainConfig:
     max_tokens: int | None = None  # stop after this many training tokens
     max_minutes: float | None = None  # stop after this much wall time
     eval_interval: int = 200  # steps between validation evaluations
-    # ...and at least this often as a fraction of the budget (the one closest to stopping the run, as the schedule
-    # follows), so a time-limited run on a slow or busy machine still evaluates along the way; none: eval_interval
-    # alone
+    # ...and, when max_minutes is set, at least this often as a fraction of the budget (the one closest to stopping
+    # the run, as the schedule follows), so a time-limited run on a slow or busy machine still evaluates along the
+    # way; none: eval_interval alone. Step and token limits keep eval_interval exactly: their steps are known.
     eval_budget_fraction: float | None = 0.1
     eval_tokens: int = 100_000  # validation tokens scored per evaluation
     patience: int = 5  # evaluations without improvement before early stopping; 0: no early stopping
