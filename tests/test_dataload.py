@@ -40,3 +40,14 @@ def test_a_killed_build_leaves_nothing_that_passes_as_complete(tmp_path):
     _, splits, report = prepare_data(str(tmp_path / "s.txt"), 50257, str(out), log=said.append)
     assert any("removed" in s and "interrupted build" in s for s in said) and not glob.glob(str(out / "*.tmp*"))
     assert report["train_stories"] + report["val_stories"] == 3000
+
+
+def test_the_hub_dataset_unreachable_names_the_commands_flag(tmp_path, capsys):
+    # conftest sets HF_HUB_OFFLINE=1 and the hub's stories are not in the local cache: the error says what to pass
+    # to this command (--data), not only the config key train.py reads
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        dataload_main(["--out", str(tmp_path / "out")])
+    assert str(e.value).startswith("error: could not load the hub dataset 'roneneldan/TinyStories'")
+    assert "point data.dataset (dataload.py --data) at them" in str(e.value)
+    assert not (tmp_path / "out").exists()  # no half-made folder left behind

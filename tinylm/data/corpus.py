@@ -156,7 +156,7 @@ def check_hub_reachable(name: str, timeout: float = 10.0):
         return  # the hub answered (a missing or gated dataset): datasets gives the full story
     except Exception as e:
         raise ConnectionError(f"the Hugging Face hub cannot be reached for the dataset {name!r} "
-                              f"({type(e).__name__}); offline, point data.dataset at local TinyStories text files (a "
+                              f"({type(e).__name__}); offline, point data.dataset (dataload.py --data) at local TinyStories text files (a "
                               "file, folder or glob), or set HF_HUB_OFFLINE=1 to use a copy datasets downloaded "
                               "before") from None
 
@@ -202,7 +202,7 @@ def hub_error(name: str, e: Exception) -> ConnectionError:
     offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and it is not in the local cache)" \
         if hub_offline() else ""
     return ConnectionError(f"could not load the hub dataset {name!r}{offline} ({type(e).__name__}); offline, download "
-                           "its text files elsewhere and point data.dataset at them (a file, folder or glob)")
+                           "its text files elsewhere and point data.dataset (dataload.py --data) at them (a file, folder or glob)")
 
 
 def non_empty(stories, stats: dict):
@@ -262,7 +262,7 @@ def split_sources(data: str, val_data: str | None, val_fraction: float, hub_file
                 for split, hub_split in (("train", "train"), ("val", "validation"))}
     if hub_files:
         raise ValueError(f"data.hub_files (dataload.py --hub_files) picks files of a hub dataset such as "
-                         f"{HUB_DATASET}, but data.dataset = {data} names local files; drop hub_files or point "
+                         f"{HUB_DATASET}, but data.dataset (dataload.py --data) = {data} names local files; drop hub_files or point "
                          "at the hub dataset")
     if val_data is not None:
         val_files = resolve_files(val_data)
