@@ -108,10 +108,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None, clock=time.time) -> int:
+def main(argv=None, clock=time.time, pass_on_signals=True) -> int:
     """Check the config and take train.out_dir for this process alone, before any work; then train. `clock`
-    (seconds) times the run and its max_minutes: tests pass one that advances per call, never racing the machine."""
-    args = parse_args(argv)
+    (seconds) times the run and its max_minutes: tests pass one that advances per call, never racing the machine.
+
+    Ctrl-C or SIGTERM stops the run after its step, evaluated and saved. Then, with pass_on_signals, the signal goes
+    on to the handler the caller had (a program that runs training in-process, as pytest or a notebook does, stops
+    as it would have without us: SIGTERM ends it, Ctrl-C raises KeyboardInterrupt); the command itself exits with
+    128 + the signal's number instead."""
+    exit_code = run_command(parse_args(argv), clock)
+    if pass_on_signals and exit_code in SIGNAL_EXITS and threading.current_thread() is threading.main_thread():
+        signal.raise_signal(SIGNAL_EXITS[exit_code])
+    return exit_code
+
+
+SIGNAL_EXITS = {128 + s.value: s for s in (signal.SIGINT, signal.SIGTERM)}  # the exit status of a signalled stop
+
+
+def run_command(args, clock) -> int:
+    """main() without the signal's passing on: the config checked, the run folder held, the run trained."""
     with contextlib.ExitStack() as held:
         try:
             config = load_config(args.config, args.set)
@@ -472,6 +487,6 @@ def storage_stop(error: OSError | StorageError, args, world: int, out_dir: str, 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(main(pass_on_signals=False))
     except KeyboardInterrupt:  # before training started: nothing to save, and caches are written whole
         sys.exit("interrupted before training started; nothing was saved")

@@ -85,7 +85,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     train_main(["--config", train_config(straight, max_steps=20, dtype=dtype)])
     with monkeypatch.context() as patch:  # interrupted after 13 steps, between evaluations
         interrupt_at_train_step(patch, 13)
-        assert train_main(["--config", train_config(split, max_steps=20, dtype=dtype)]) == 130
+        assert train_main(["--config", train_config(split, max_steps=20, dtype=dtype)], pass_on_signals=False) == 130
     last = GPTNeo.from_pretrained(str(split / "out" / "last"))
     assert all(p.dtype == torch.float32 for p in last.parameters())  # mixed precision saves the fp32 weights
     train_main(["--config", train_config(split, max_steps=20, dtype=dtype), "--resume"])
@@ -271,7 +271,8 @@ def test_a_signal_stops_after_the_step_and_a_second_skips_the_final_evaluation(t
     monkeypatch.setattr(train, "evaluate_loss", evaluate_and_interrupt)
     interrupt_at_train_step(monkeypatch, 7, signal.SIGTERM)
     handler = signal.getsignal(signal.SIGINT)
-    assert train_main(["--config", train_config(tmp_path, max_steps=1000, eval_interval=1000)]) == 128 + 15
+    assert train_main(["--config", train_config(tmp_path, max_steps=1000, eval_interval=1000)],
+                      pass_on_signals=False) == 128 + 15
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     out = capsys.readouterr().out
     assert "SIGTERM: stopping after this step" in out and "saving without the evaluation" in out
@@ -279,6 +280,25 @@ def test_a_signal_stops_after_the_step_and_a_second_skips_the_final_evaluation(t
     last = saved_state(tmp_path, "last")
     assert last["step"] == 7 and last["evaluated_step"] == 0  # the steps are kept, the evaluation was skipped
     assert sorted(os.listdir(tmp_path / "out")) == ["best", "last", "loss.png", "metrics.jsonl"]
+
+
+def test_in_process_the_signal_goes_on_to_the_callers_handler_once_the_run_is_saved(tmp_path, monkeypatch):
+    # pytest run by `timeout`: its SIGTERM must still end pytest, after the run it stopped has saved
+    seen = []
+
+    def callers_handler(signum, frame):
+        seen.append((signum, saved_state(tmp_path, "last")["step"]))
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        interrupt_at_train_step(monkeypatch, 5, signal.SIGTERM)
+        assert train_main(["--config", train_config(tmp_path, max_steps=1000, eval_interval=1000)]) == 128 + 15
+        assert seen == [(signal.SIGTERM, 5)] and signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C on pytest or in a notebook: saved, then interrupted
+        interrupt_at_train_step(monkeypatch, 8, signal.SIGINT)
+        train_main(["--config", train_config(tmp_path, max_steps=1000, eval_interval=1000), "--resume"])
+    assert saved_state(tmp_path, "last")["step"] == 5 + 8
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -393,7 +413,7 @@ def test_a_resumed_run_continues_the_same_time_schedule(tmp_path, monkeypatch):
                           lr=3e-3, min_lr=1e-4)
     with monkeypatch.context() as patch:
         interrupt_at_train_step(patch, 30)
-        assert train_main(["--config", config], clock=FakeClock()) == 130
+        assert train_main(["--config", config], clock=FakeClock(), pass_on_signals=False) == 130
     before = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m]
     assert train_main(["--config", config, "--resume"], clock=FakeClock()) == 0
     after = [m["lr"] for m in read_metrics(tmp_path) if "lr" in m][len(before):]
@@ -412,7 +432,7 @@ def test_muon_trains_and_resumes_exactly(tmp_path, monkeypatch):
     assert vals[-1] < vals[0] - 0.5
     with monkeypatch.context() as patch:
         interrupt_at_train_step(patch, 8)
-        assert train_main(["--config", train_config(split, **settings)]) == 130
+        assert train_main(["--config", train_config(split, **settings)], pass_on_signals=False) == 130
     assert train_main(["--config", train_config(split, **settings), "--resume"]) == 0
     losses = lambda p: [m["loss"] for m in read_metrics(p) if "loss" in m]
     assert losses(straight) == losses(split) and len(losses(split)) == 12
