@@ -6,7 +6,9 @@
 
 Both models start from the same weights and run the same loop (batch from the token stream, forward, loss,
 backward, grad-norm clip, AdamW step), taking turns step by step; with several --dtype, every model runs in each
-(auto: what train.py picks here) and a line per dtype gives its speed against the first. MFU = model FLOPs per
+(auto: what train.py picks here) and a line per dtype gives its speed against the first; with auto, float32 and
+bfloat16 all given, a last line says what auto took and how fast that is against the faster of the two. The
+header names the CPU and the features its speed depends on (AMX, avx512_bf16, AVX-512, AVX2). MFU = model FLOPs per
 second / the matmul FLOP/s this machine reaches in the dtype that runs the matmuls (a large matmul, measured here;
 a GPU's is always its bf16 peak, what its FLOPs are quoted in), with nanoGPT's count: 6 * parameters
 (position embeddings excluded) + 12 * n_layer * n_embd * block_size per token. --compile runs both models through
@@ -30,7 +32,7 @@ sys.path.insert(0, ROOT)
 from bench_model import interleaved_medians  # noqa: E402
 from tinylm.training.config import TrainConfig, load_config  # noqa: E402
 from tinylm.data.cache import get_batch  # noqa: E402
-from tinylm.devices import pick_dtype  # noqa: E402
+from tinylm.devices import cpu_description, pick_dtype  # noqa: E402
 from model import GPTNeo  # noqa: E402
 from tinylm.training.optimizers import make_optimizer  # noqa: E402
 
@@ -115,6 +117,9 @@ def main():
              for d in dtypes}
     peak_names = ", ".join(f"{'bfloat16' if device.type == 'cuda' else d} {peak / 1e12:.2f} TFLOP/s"
                            for d, peak in peaks.items())
+    auto, why = pick_dtype("auto", device)
+    print(f"{cpu_description() if device.type == 'cpu' else torch.cuda.get_device_name(device)}; train.dtype = auto "
+          f"takes {auto} ({why})")
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads"
           f"{', compiled' if args.compile else ''}; measured matmul peak {peak_names}; "
           f"batch {args.batch_size} x {args.block_size}")
@@ -157,6 +162,10 @@ def main():
             memory = f"   peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (all models)" \
                 if device.type == "cuda" else ""
             print("   ".join(line) + (f"   ratio {', '.join(ratios)}" if ratios else "") + memory)
+        if "auto" in args.dtype and {"float32", "bfloat16"} <= set(dtypes):
+            faster = min(("float32", "bfloat16"), key=lambda d: t[("ours", d)])
+            print(f"{name:15s} auto = {auto}: {t[('ours', faster)] / t[('ours', auto)]:.2f}x the faster precision "
+                  f"here ({faster})")
 
 
 if __name__ == "__main__":

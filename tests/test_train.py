@@ -138,15 +138,16 @@ def test_bfloat16_autocast_trains(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("has_units", [True, False])
-def test_auto_dtype_follows_the_cpus_bf16_matrix_units(tmp_path, monkeypatch, capsys, has_units):
+def test_auto_dtype_follows_the_cpus_bf16_instructions(tmp_path, monkeypatch, capsys, has_units):
     from tinylm import devices
-    monkeypatch.setattr(devices, "cpu_has_bf16_matrix_units", lambda: has_units)
+    monkeypatch.setattr(devices, "cpu_bf16_support", lambda: "avx512_bf16" if has_units else None)
     seen = []
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: seen.append(k["enabled"]) or torch.amp.autocast(*a, **k))
     assert train_main(["--config", train_config(tmp_path, max_steps=2, device="cpu")]) == 0
     out = capsys.readouterr().out
-    said = "bf16 mixed precision (train.dtype = auto: this CPU has bf16 matrix units (AMX))" if has_units else \
-        "float32 (train.dtype = auto: this CPU has no bf16 matrix units (AMX))"
+    said = "bf16 mixed precision (train.dtype = auto: this CPU has bf16 instructions (avx512_bf16), faster than its " \
+        "fp32 ones)" if has_units else "float32 (train.dtype = auto: this CPU has no bf16 instructions (AMX or " \
+        "avx512_bf16))"
     assert said in out and seen[0] == has_units  # the first autocast is the training loop's
 
 

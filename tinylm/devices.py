@@ -6,6 +6,9 @@ a ValueError naming the flag or setting that asked for it.
     dtype, why = pick_dtype("auto", device)            # train.py's [train] dtype: "bfloat16" or "float32"
 """
 
+import os
+import platform
+
 import torch
 
 
@@ -33,24 +36,44 @@ def pick_device(name: str, flag: str = "--device") -> torch.device:
     return device
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """True when this CPU has Intel AMX tiles with bf16 (Sapphire Rapids and later), where oneDNN runs bf16
-    matmuls 3-7x its fp32 ones. Asked at run time; False where PyTorch cannot tell."""
+def cpu_bf16_support() -> str | None:
+    """What this CPU has that runs bf16 matmuls faster than fp32 ones, or None: "AMX" (Intel Sapphire Rapids and
+    later: oneDNN's bf16 matmuls 3-7x its fp32 ones) or "avx512_bf16" (AMD Zen 4 and later, Intel Cooper Lake:
+    2-5x). Measured with TinyLM's own training step, bf16 mixed precision was 1.4-1.5x fp32 on both kinds of
+    machine at the recipes' shapes (docs/precision.md). Asked at run time; None where PyTorch cannot tell."""
     try:
-        return bool(torch.cpu._is_amx_tile_supported()) and bool(torch.cpu._is_avx512_bf16_supported())
+        if not torch.cpu._is_avx512_bf16_supported():
+            return None
+        return "AMX" if torch.cpu._is_amx_tile_supported() else "avx512_bf16"
     except (AttributeError, RuntimeError):  # an older or non-x86 PyTorch build
-        return False
+        return None
+
+
+def cpu_description() -> str:
+    """The CPU's model and the features TinyLM's speed depends on, for benchmark headers: "Intel(R) Xeon(R)
+    Processor (AMX, avx512_bf16, AVX-512, AVX2)"."""
+    name, flags = platform.processor() or platform.machine(), []
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:  # the first processor's block: "key<tabs>: value" lines
+            fields = {key.strip(): value.strip() for key, _, value in
+                      (line.partition(":") for line in f.read().split("\n\n")[0].splitlines())}
+        name = fields.get("model name", name)
+        flags = (fields.get("flags") or fields.get("Features") or "").split()
+    features = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "avx512_bf16"), ("avx512f", "AVX-512"),
+                                          ("avx2", "AVX2"), ("asimd", "NEON"), ("bf16", "bf16")) if flag in flags]
+    return f"{name} ({', '.join(features) or 'none of AMX, avx512_bf16, AVX-512, AVX2'})"
 
 
 def pick_dtype(name: str, device: torch.device) -> tuple[str, str]:
     """(the training precision, why) for train.dtype `name`: "float32", or "bfloat16" (mixed precision: bf16
     matmuls under autocast, fp32 weights, optimizer state, LayerNorm, softmax and loss). "auto" takes bfloat16
-    on a CUDA GPU that supports it and on a CPU with bf16 matrix units, float32 elsewhere."""
+    on a CUDA GPU that supports it and on a CPU with bf16 instructions (AMX or avx512_bf16), float32 elsewhere."""
     if name != "auto":
         return name, "set by train.dtype"
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bfloat16", "this GPU supports bf16"
-    if device.type == "cpu" and cpu_has_bf16_matrix_units():
-        return "bfloat16", "this CPU has bf16 matrix units (AMX)"
-    return "float32", {"cpu": "this CPU has no bf16 matrix units (AMX)", "mps": "mixed precision is untried on MPS",
-                       "cuda": "this GPU has no bf16 support"}[device.type]
+    support = cpu_bf16_support() if device.type == "cpu" else None
+    if support:
+        return "bfloat16", f"this CPU has bf16 instructions ({support}), faster than its fp32 ones"
+    return "float32", {"cpu": "this CPU has no bf16 instructions (AMX or avx512_bf16)",
+                       "mps": "mixed precision is untried on MPS", "cuda": "this GPU has no bf16 support"}[device.type]
