@@ -105,7 +105,11 @@ static float gelu_new(float x) {
 
 // out[lo..hi) of one row's logits (lo a multiple of 4, hi a multiple of 4 or V): dot4 on rows in aligned fours,
 // dot on the last V % 4, split over all cores. The one way decode.c computes fp32 logits, so
-// lm_head_candidates gives lm_head's numbers.
+// lm_head_candidates gives lm_head's numbers bit for bit: never inlined, since a compiler may vectorize the
+// same loop differently at two inlined sites (clang -march=native with AVX-512 did, summing in another order).
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
 static void exact_rows(const Model *m, const float *h, float *out, int lo, int hi) {
     int C = m->n_embd, fours = m->vocab_size - m->vocab_size % 4, end = hi < fours ? hi : fours;
     #pragma omp parallel for schedule(static)
@@ -177,8 +181,8 @@ static void lm_head_candidates(const Model *m, const float *hidden, float *logit
         for (int r = 0; r < tiled; r += 4) {
             int candidate = 0;
             for (int j = r; j < r + 4; j++) candidate |= out[j] + scale * m->wte_norms[j] >= top_low;
-            if (candidate)  // as exact_rows computes these four
-                dot4(out + r, m->wte + (size_t)r * C, h, C);
+            if (candidate)  // by exact_rows itself (inside this parallel loop it runs on this thread alone)
+                exact_rows(m, h, out, r, r + 4);
             else
                 out[r] = out[r + 1] = out[r + 2] = out[r + 3] = -INFINITY;
         }

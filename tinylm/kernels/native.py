@@ -9,9 +9,11 @@ no per-operation overhead: for TinyStories-1M a token costs about half of the co
 attention.c computes causal attention, global or local, forward and backward (native_attention), which
 SelfAttention runs in fp32 on CPU at small head sizes; lmhead.c computes the LM head's cross-entropy and its
 gradients (native_lm_head_cross_entropy), which lm_head_cross_entropy runs in fp32 on CPU at small widths. Each
-file is compiled with the system's C compiler (`cc`, or $CC) once per machine (about a second) and kept in
-~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the source, the compiler, the flags and the CPU; without a
-compiler, PyTorch's own operations run instead."""
+file is compiled with the system's C compiler (`cc`, or $CC: gcc and clang are both tested) once per machine (about
+a second) and kept in ~/.cache/tinylm ($TINYLM_CACHE moves it), keyed by the source, the compiler, the flags and the
+CPU; without a compiler, PyTorch's own operations run instead. The code is built for this CPU (-march=native);
+$TINYLM_MARCH names another target, e.g. x86-64-v3 (AVX2) or x86-64, which the tests build and check too. Without
+OpenMP's runtime (clang without libomp) the files build without it and run on one core."""
 
 import ctypes
 import functools
@@ -29,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Each C file and a function its library must export: decode.c (generation), attention.c and lmhead.c (training)
 SOURCES = {"decode": "tinylm_decode_step", "attention": "tinylm_attention_forward", "lmhead": "tinylm_lm_head_lse"}
 CACHE_ENV = "TINYLM_CACHE"  # relocates the compiled-library cache (default: ~/.cache/tinylm)
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+MARCH_ENV = "TINYLM_MARCH"  # the -march the C files are built for (default: native, this CPU)
+BASE_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
 TILE_ROWS = 64  # decode.c's TILE_ROWS: rows per bf16 tile of the greedy LM head
 _pointers = ctypes.POINTER(ctypes.c_void_p)
@@ -66,11 +69,13 @@ def build_library(name: str = "decode") -> tuple[ctypes.CDLL | None, str | None]
         return None, (f"native code compiles {name}.c and found no C compiler "
                       f"({'$CC=' + wanted if wanted else 'cc, gcc or clang'}); install one, or run without it")
     errors = ""
+    base = [f"-march={os.environ.get(MARCH_ENV) or 'native'}", *BASE_FLAGS]
     # OpenMP spreads work over all cores and glibc's libmvec vectorizes exp and tanh; without them
-    # (Apple clang, musl) the same code builds slower
-    for flags in (FLAGS + ["-fopenmp", "-DTINYLM_MVEC", "-lmvec"], FLAGS + ["-fopenmp"], FLAGS):
+    # (Apple clang, clang without libomp, musl) the same code builds slower
+    for flags in (base + ["-fopenmp", "-DTINYLM_MVEC", "-lmvec"], base + ["-fopenmp"], base):
         library, errors = cached_build(cc, flags, source)
         if library is not None:
+            library.tinylm_build = [os.path.basename(cc), *flags]  # what it was built with, for tests and reports
             return declare(library), None
     return None, f"compiling {source} with {cc} failed:\n{errors}"
 
