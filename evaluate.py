@@ -19,6 +19,7 @@ from tinylm.data.tokenizer import gpt_neo_tokenizer
 from tinylm.devices import pick_device
 from tinylm.evaluation.evalsets import (DEFAULT_PROBES, character_names, cloze_items, probe_continuation, read_probes,
                                         story_beginnings)
+from tinylm.evaluation.harness import export_tasks
 from tinylm.evaluation.judge import JudgeError, grade_all, summarize
 from tinylm.evaluation.ngram import NGram, stream_logprob
 from tinylm.evaluation.ngram import continuation_logprobs as ngram_continuation_logprobs
@@ -36,7 +37,8 @@ GUIDE = """what it measures, per model:
                next sentence and 3 sentences from other held-out stories, with the same length range, quoting,
                ending and the context's character names, so that only coherence tells them apart. Chance is 25%
   probes       short prompts in three kinds (factual, reasoning, context tracking) with one right and several
-               wrong endings; --probes reads any JSONL file of {"category", "prompt", "right", "wrong"} lines
+               wrong endings; --probes reads any JSONL file of {"category", "prompt", "right", "wrong"} lines;
+               a prompt and an ending join with exactly one whitespace ("bed" and " bed" score the same)
   baseline     --baseline ngram: an interpolated Kneser-Ney 4-gram of GPT-Neo tokens fitted on --train, scored on
                the loss, cloze and probes: what counting alone gets
   completions  --completions held-out stories cut mid-sentence, completed by each model with the same seeded
@@ -62,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="held-out stories separated by <|endoftext|> (.txt, .jsonl or "
                    ".parquet); never the data the models trained on")
     p.add_argument("--probes", default=DEFAULT_PROBES,
-                   help="probe file (default: tinylm/evaluation/probes/capabilities.jsonl, 92 probes)")
+                   help="probe file (default: tinylm/evaluation/probes/capabilities.jsonl, 92 probes); a prompt "
+                   "and its endings join with exactly one whitespace, so endings may or may not start with a space")
     p.add_argument("--cloze_items", type=int, default=None, help="story-cloze items, at most one per story "
                    "(default: one per story that has 4 sentences or more)")
     p.add_argument("--seed", type=int, default=0, help="chooses the cloze items (the same seed, the same items)")
@@ -93,6 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--report", default=None, metavar="PATH", help="write one self-contained HTML page: the table, "
                    "charts, every probe with each model's completion, and held-out stories token by token")
     p.add_argument("--report_stories", type=int, default=3, help="held-out stories the report shows token by token")
+    p.add_argument("--export_lm_eval", default=None, metavar="DIR", help="also write the cloze items and probes "
+                   "scored here as lm-evaluation-harness tasks (tinylm_cloze, tinylm_probes) into DIR, for lm_eval "
+                   "--include_path DIR; run the lm_eval command, not python -m lm_eval, from this folder (this "
+                   "evaluate.py would hide the evaluate package the harness imports)")
     return p.parse_args(argv)
 
 
@@ -174,6 +181,7 @@ def multiple_choice(score_pairs, items, probes) -> dict:
     """Cloze and probe accuracies, score_pairs giving (nats, bytes) for (context, option) pairs."""
     cloze = per_item(score_pairs, [i.context for i in items], [i.options for i in items])
     result = {f"cloze_{k}": v for k, v in accuracy(cloze, [i.answer for i in items]).items()}
+    result["cloze_right"] = [is_right(options, i.answer) for options, i in zip(cloze, items)]
     options = [[probe_continuation(p["prompt"], a) for a in [p["right"], *p["wrong"]]] for p in probes]
     probe_scores = per_item(score_pairs, [p["prompt"] for p in probes], options)
     result["probe_right"] = [is_right(options, 0) for options in probe_scores]
@@ -285,6 +293,11 @@ def main(argv=None):
         device = pick_device(args.device)
         stories, items, probes = load_inputs(args)
         beginnings = story_beginnings(stories, args.completions, args.seed)
+        if args.export_lm_eval:
+            export_tasks(args.export_lm_eval, items, probes)
+            print(f"# lm-evaluation-harness tasks in {args.export_lm_eval}: lm_eval --model hf --model_args "
+                  f"pretrained=MODEL --include_path {args.export_lm_eval} --tasks tinylm_cloze,tinylm_probes",
+                  file=sys.stderr)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     report = {"data": args.data, "stories": len(stories), "cloze_items": len(items), "seed": args.seed,

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from helpers import ROOT
-from tinylm.evaluation.evalsets import character_names, cloze_items, read_probes, shape, split_sentences
+from tinylm.evaluation.evalsets import (character_names, cloze_items, probe_continuation, read_probes, shape,
+                                       split_sentences)
 
 STORIES = [
     'Once upon a time, there was a girl named Lily. She had a red ball. "Look, Mom!" said Lily. She threw the ball '
@@ -66,3 +67,22 @@ def test_the_shipped_probes_cover_three_kinds(tmp_path):
         (tmp_path / "p.jsonl").write_text(json.dumps(good) + "\n" + bad + "\n")
         with pytest.raises(ValueError, match=message):
             read_probes(str(tmp_path / "p.jsonl"))
+
+
+def test_an_answer_with_its_own_leading_space_scores_as_one_without():
+    # lm-evaluation-harness' rule (target_delimiter " "): a prompt and an answer join with exactly one whitespace.
+    # Many datasets' choices carry their own space; " warm coat." was scored as "  warm coat." before
+    import torch
+    from model import GPTNeo, GPTNeoConfig
+    from tinylm.data.tokenizer import gpt_neo_tokenizer
+    from tinylm.evaluation.scoring import continuation_logprobs
+    prompt = "It was cold, so Lily put on her"
+    assert probe_continuation(prompt, "warm coat.") == probe_continuation(prompt, " warm coat.") == " warm coat."
+    assert probe_continuation(prompt + " ", " warm coat.") == probe_continuation(prompt + " ", "warm coat.") == \
+        "warm coat."
+    assert probe_continuation("", "Once") == "Once"  # an empty prompt: the answer as it is
+    torch.manual_seed(0)
+    model = GPTNeo(GPTNeoConfig(max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16, window_size=8)).eval()
+    pairs = [(prompt, probe_continuation(prompt, answer)) for answer in ("warm coat.", " warm coat.")]
+    spaced, plain = continuation_logprobs(model, gpt_neo_tokenizer(), pairs)
+    assert spaced == plain  # the same summed log-probability and bytes

@@ -76,3 +76,27 @@ def test_untied_lm_head_is_refused():
     state["lm_head.weight"] = torch.randn(64, 16)
     with pytest.raises(ValueError, match="tied"):
         hf_to_tinylm_state_dict(state, GPTNeo(config).state_dict())
+
+
+def test_a_checkpoint_loads_in_transformer_lens_with_our_logits(tmp_path):
+    # interpretability users' tool (requirements-test.txt): TransformerBridge over the saved folder, local heads past
+    # their window included, and its hooks see every layer
+    bridge = pytest.importorskip("transformer_lens.model_bridge",
+                                 reason="TransformerLens is not installed (pip install -r requirements-test.txt)")
+    model = sharpen_(GPTNeo(GPTNeoConfig(vocab_size=120, max_position_embeddings=96, n_layer=3, n_head=4, n_embd=32,
+                                         window_size=5, attention_types="global,local,local"))).eval()
+    model.save_pretrained(str(tmp_path))
+    lens = bridge.TransformerBridge.boot_transformers(str(tmp_path), device="cpu", tokenizer=_tokenizer())
+    idx = torch.randint(0, 120, (2, 60), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        logits, cache = lens.run_with_cache(idx)
+    assert_logits_close(ours, logits)
+    assert all(f"blocks.{layer}.hook_resid_post" in cache for layer in range(3))
+
+
+def _tokenizer():
+    """GPT-Neo's tokenizer as transformers takes it (the saved folder has none: a bare model)."""
+    from transformers import PreTrainedTokenizerFast
+    from tinylm.data.tokenizer import gpt_neo_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=gpt_neo_tokenizer().backend_tokenizer)

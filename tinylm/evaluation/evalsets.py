@@ -163,8 +163,15 @@ def draw_across(bins: list[list[str]], rng: random.Random):
 
 
 def probe_continuation(prompt: str, answer: str) -> str:
-    """What a probe's answer adds to its prompt: the answer after one space, unless the prompt ends in whitespace."""
-    return answer if prompt[-1:].isspace() or not prompt else " " + answer
+    """What a probe's answer adds to its prompt. They join with exactly one separating whitespace, never two, as
+    lm-evaluation-harness joins a context and a choice with its target_delimiter " ": "went to" + "bed" and
+    "went to" + " bed" both score " bed"; after a prompt that ends in whitespace the answer's own leading
+    whitespace is dropped."""
+    if not prompt:
+        return answer
+    if prompt[-1].isspace():
+        return answer.lstrip()
+    return answer if answer[:1].isspace() else " " + answer
 
 
 def read_probes(path: str) -> list[dict]:
