@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000, help="--serve's port (0: a free one)")
     p.add_argument("--max_streams", type=int, default=4, help="--serve: stories written at once; more are told the "
                    "server is busy (HTTP 429)")
+    p.add_argument("--neuron_stories", default=None, metavar="FILE", help="--serve: held-out stories (a .txt, "
+                   ".jsonl or .parquet file) in which the Inside view finds the contexts that excite each MLP neuron "
+                   "most; computed once per model on first use (a few seconds), then kept")
     return p.parse_args(argv)
 
 
@@ -152,6 +155,9 @@ def check_args(args):
         raise ValueError(f"--port must be from 0 (a free one) to 65535, got {args.port}")
     if args.max_streams < 1:
         raise ValueError(f"--max_streams must be >= 1, got {args.max_streams}")
+    if args.neuron_stories is not None and not os.path.isfile(args.neuron_stories):
+        raise FileNotFoundError(f"--neuron_stories {args.neuron_stories}: no such file; pass held-out stories "
+                                "separated by <|endoftext|> lines (.txt), or .jsonl/.parquet rows with a text field")
     if args.eval_file is not None and not os.path.isfile(args.eval_file):
         raise FileNotFoundError(f"--eval_file {args.eval_file}: no eval file there; pass a text file of stories "
                                 "separated by <|endoftext|> lines")
@@ -175,7 +181,8 @@ def serve(args, device):
     given = [run_folder_model(m) for m in args.model or []]
     models = list(dict.fromkeys(given + finished_models(CHECKPOINT_ROOT))) or [resolve_model(None)]
     try:
-        server = make_server(models, device, args.host, args.port, max_streams=args.max_streams)
+        server = make_server(models, device, args.host, args.port, max_streams=args.max_streams,
+                             neuron_stories=args.neuron_stories)
     except OSError as e:
         if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise ValueError(f"--host {args.host} --port {args.port} cannot be served ({e.strerror}): pass another "

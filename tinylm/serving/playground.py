@@ -20,6 +20,20 @@ API (JSON in, JSON or server-sent events out; any mistake is HTTP 400 with {"err
                            mid-story, or {"stopped", "tokens"} if the server is stopped (Ctrl-C) mid-story;
                            429 while max_streams are being written, 503 once the server is stopping
     POST /api/score        {model, text} -> {"tokens": [{"token", "id", "loss", "top"}], "loss", "bits_per_byte"}
+    POST /api/inside       {model, text | ids, position (default: the last token), pattern: [layer, head] or null}
+                           -> {"tokens": [{"id", "text"}], "position", "layers": [{"layer", "heads": [{"head",
+                           "type": "local" | "global", "window", "weights": the picked token's attention over tokens
+                           0..position, "distance", "previous", "entropy"}]}], "lens": [{"layer": "embedding" | i |
+                           "output", "top": [[text, p, id] x 5]}], "neurons": {"layers", "per_layer"}, and with
+                           pattern "pattern": {"layer", "head", "weights": row t over tokens 0..t, every t}}. The
+                           weights are the softmax probabilities of the forward pass (transformers'
+                           output_attentions); distance, previous and entropy are the head's mean over the text.
+    POST /api/neuron       {model, text | ids, layer, index} -> {"tokens", "activations": one per token (the MLP's
+                           hidden activation after GELU), "top": {"state": "none" | "computing" (with "done" and
+                           "of" stories) | "ready" (with "contexts": [{"before", "token", "after", "activation"}]) |
+                           "failed" (with "why")}}: the top contexts come from --neuron_stories, computed once per
+                           model, the first request starting it
+The text of /api/inside and /api/neuron is bounded by the model's context and --max_prompt_chars.
 """
 
 import contextlib
@@ -37,18 +51,12 @@ import torch
 from tinylm.checkpoint import load_model_and_tokenizer
 from tinylm.data.tokenizer import text_stream
 from tinylm.evaluation.scoring import token_view
+from tinylm.serving.inside_api import inside_request, neuron_request
+from tinylm.serving.requests import RequestError, checked
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
 MAX_BODY_BYTES = 1 << 20
 TOP = 5  # candidates shown at each token
-
-
-class RequestError(ValueError):
-    """A mistake in a request: HTTP `status` with one sentence that names the field."""
-
-    def __init__(self, sentence: str, status: int = 400):
-        super().__init__(sentence)
-        self.status = status
 
 
 @dataclasses.dataclass
@@ -67,6 +75,8 @@ class Playground:
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)  # set by stop()
     workers: set = dataclasses.field(default_factory=set)  # the request threads that used a model
     load_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    neuron_stories: str | None = None  # --neuron_stories: held-out stories for the neurons' top contexts
+    neuron_index: dict = dataclasses.field(default_factory=dict)  # per model: their state, then the contexts
 
     def model(self, name):
         """(model, tokenizer) of a model on offer; a name not on offer is a RequestError naming `model`."""
@@ -113,25 +123,6 @@ class Playground:
         for thread in workers - {threading.current_thread()}:
             thread.join(max(0.0, deadline - time.monotonic()))
         return open_streams
-
-
-def checked(body: dict, fields: dict) -> dict:
-    """The request's values with the defaults for the ones left out; an unknown field, or a value of the wrong
-    kind, is a RequestError naming it. fields: name -> (default, kind, rule, what the rule says)."""
-    unknown = sorted(set(body) - set(fields))
-    if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r}; the fields are {', '.join(fields)}")
-    values = {}
-    for name, (default, kind, rule, says) in fields.items():
-        value = body.get(name, default)
-        if value is None and default is None:  # left out, or null, where null means "no limit" / "random"
-            values[name] = None
-            continue
-        of_kind = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
-        if not of_kind or rule is not None and not rule(value):
-            raise RequestError(f"{name} must be {says}, got {json.dumps(value)}")
-        values[name] = value
-    return values
 
 
 def generate_request(playground: Playground, body: dict) -> dict:
@@ -234,8 +225,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.stream(generate_request(self.server.playground, body))
             elif self.path == "/api/score":
                 self.reply_json(200, score(self.server.playground, body))
+            elif self.path == "/api/inside":
+                self.reply_json(200, inside_request(self.server.playground, body))
+            elif self.path == "/api/neuron":
+                self.reply_json(200, neuron_request(self.server.playground, body))
             else:
-                self.reply_json(404, {"error": f"no API at {self.path}: POST /api/generate or /api/score"})
+                self.reply_json(404, {"error": f"no API at {self.path}: POST /api/generate, /api/score, /api/inside "
+                                               "or /api/neuron"})
         except RequestError as e:
             self.reply_json(e.status, {"error": str(e)})
         except (BrokenPipeError, ConnectionResetError):
