@@ -27,8 +27,11 @@ from tinylm.evaluation.report import render, table
 from tinylm.evaluation.scoring import continuation_logprobs, evaluate_stories, loss_numbers, token_view
 from tinylm.evaluation.storymetrics import completion_metrics
 from tinylm.hub import resolve_pretrained
+from tinylm.modeling.inside import heads_over
 from tinylm.storage import atomic_write, read_json, storage_failure, write_json, write_text
 from tinylm.wording import plural
+
+HEAD_STORIES = 50  # held-out stories the report's heads section averages over
 
 GUIDE = """what it measures, per model:
   loss         nats/token, perplexity and bits per UTF-8 byte on --data (what inference.py --eval_file says);
@@ -94,7 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number here")
     p.add_argument("--report", default=None, metavar="PATH", help="write one self-contained HTML page: the table, "
-                   "charts, every probe with each model's completion, and held-out stories token by token")
+                   "charts, every probe with each model's completion, held-out stories token by token, and each "
+                   "model's heads (mean distance attended, weight on the previous token)")
     p.add_argument("--report_stories", type=int, default=3, help="held-out stories the report shows token by token")
     p.add_argument("--export_lm_eval", default=None, metavar="DIR", help="also write the cloze items and probes "
                    "scored here as lm-evaluation-harness tasks (tinylm_cloze, tinylm_probes) into DIR, for lm_eval "
@@ -157,6 +161,7 @@ def evaluate_model(name: str, args, stories, items, probes, beginnings, device) 
     if args.report:
         result["token_views"] = [token_view(model, tokenizer, story, device=device)
                                  for story in stories[:args.report_stories]]
+        result["heads"] = heads_over(model, [tokenizer.encode(story) for story in stories[:HEAD_STORIES]])
     stories = [write_story(model, tokenizer, b, args, args.seed * 100_000 + j, device) for j, b in enumerate(beginnings)]
     result["completions"], result["completions_ended"] = [s for s, _ in stories], [e for _, e in stories]
     result["seconds"] = time.time() - t0

@@ -10,7 +10,9 @@ trained run: what CI runs.
 Checks, each printed as `ok ...` (the first failure ends it with exit status 1):
   the page loads and lists the models; a typed prompt and a click on Generate stream a story whose tokens carry
   their probability's colour; hovering a token shows the model's top-5 there; clicking a candidate continues the
-  story from it; Stop ends a long story; the score tab scores a pasted text in bits per byte.
+  story from it; Stop ends a long story; the score tab scores a pasted text in bits per byte; the Inside tab shows
+  every head's attention from a clicked token, a clicked head's whole pattern, the logit lens, and a neuron's
+  activations with its top contexts in held-out stories (saved as a second screenshot, NAME_inside.png).
 """
 
 import argparse
@@ -187,6 +189,41 @@ def run_checks(page: DevTools, url: str, shot: str):
     page.wait_for("document.querySelector('#summary').textContent.includes('bits/byte')", "the score")
     summary = page.js("document.querySelector('#summary').textContent")
     check(True, f"the score tab scores a pasted text: {summary}")
+    inside_checks(page, shot.removesuffix(".png") + "_inside.png")
+
+
+def inside_checks(page: DevTools, shot: str):
+    page.click("#tab-inside")
+    page.js("document.querySelector('#inside-text').value = 'Once upon a time, Lily and Tom went to the park. Lily "
+            "found a red ball and gave it to Tom. Tom smiled and said thank you to Lily.'")
+    page.click("#inside-go")
+    page.wait_for("document.querySelectorAll('#strips .strip').length > 0", "the Inside view")
+    heads, strips = page.js("document.querySelectorAll('#heads td').length"), page.js(
+        "document.querySelectorAll('#strips .strip').length")
+    check(heads == strips >= 2, f"the Inside view shows {heads} heads in a grid and the picked token's attention in "
+                                "each")
+    page.click("#inside-tokens .tok:nth-of-type(6)")
+    page.wait_for("document.querySelector('#inside-tokens .tok.picked') === "
+                  "document.querySelectorAll('#inside-tokens .tok')[5]", "the clicked token to be picked")
+    cells = page.js("document.querySelector('#strips .cells').children.length")
+    check(cells == 6, f"clicking token 6 shows each head's attention over its {cells} tokens so far")
+    page.click("#heads td")
+    page.wait_for("!document.querySelector('#pattern').classList.contains('hidden')", "the head's pattern")
+    check(True, "clicking a head draws its whole pattern: " + page.js("document.querySelector('#pattern-title')"
+                                                                       ".textContent"))
+    lens = page.js("document.querySelectorAll('#lens tr').length")
+    check(lens >= 2, f"the logit lens lists {lens} rows: the embedding, each layer, the output")
+    page.js("document.querySelector('#n-layer').value = '1'; document.querySelector('#n-index').value = '5'")
+    page.click("#neuron-go")
+    page.wait_for("document.querySelector('#neuron-state').textContent.startsWith('its top contexts')",
+                  "the neuron's top contexts", 60)
+    contexts = page.js("document.querySelectorAll('#contexts div').length")
+    check(contexts > 0, f"a neuron shows its activation on each token and its top {contexts} contexts in held-out "
+                        "stories")
+    shot_data = page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+    with open(shot, "wb") as f:
+        f.write(base64.b64decode(shot_data))
+    check(os.path.getsize(shot) > 10_000, f"screenshot of the Inside view saved: {shot}")
 
 
 def random_model(folder: str) -> str:
@@ -216,8 +253,13 @@ def main():
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or random_model(os.path.join(scratch, "random_model"))
-        server, line = start([sys.executable, "inference.py", "--serve", "--port", "0", "--model", model], "http://",
-                             "stdout")
+        stories = os.path.join(scratch, "stories.txt")  # for the Inside view's neuron contexts
+        with open(stories, "w") as f:
+            f.write("".join(f"{name} went to the {place}. {name} saw a {thing} and smiled.\n<|endoftext|>\n"
+                            for name in ("Lily", "Tom", "Sue") for place in ("park", "lake")
+                            for thing in ("dog", "red ball")))
+        server, line = start([sys.executable, "inference.py", "--serve", "--port", "0", "--model", model,
+                              "--neuron_stories", stories], "http://", "stdout")
         check_in_browser(args.chromium, server, line.split("http://", 1)[1].split()[0], scratch, args.out)
     print("all browser checks passed")
 

@@ -113,6 +113,10 @@ def test_the_report_is_one_self_contained_page(untrained, tmp_path):
     verdicts = page.marks
     assert len(scores["probe_right"]) == probes and verdicts == ["right" if r else "wrong" for r in scores["probe_right"]]
     assert verdicts.count("right") == round(scores["probes"]["all"]["acc"] * probes)
+    # each model's heads over the held-out stories: a grid of layers by heads, local and global marked
+    assert [[h["type"] for h in layer] for layer in scores["heads"]] == [["global", "global"], ["local", "local"]]
+    assert all(0 <= h["previous"] <= 1 and h["distance"] >= 0 for layer in scores["heads"] for h in layer)
+    assert text.count("<table class=heads>") == 1 and text.count(">L ") == 2 and text.count(">G ") == 2
 
 
 def test_a_run_folder_is_its_best_model_and_keeps_its_name(untrained, tmp_path):

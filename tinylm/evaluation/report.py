@@ -28,6 +28,8 @@ table.probes td, table.probes th { border-bottom: 1px solid #ddd; padding: 3px 6
 .story { white-space: pre-wrap; font: 13px/1.7 ui-monospace, monospace; border: 1px solid #ddd; padding: .6em; }
 .story span { border-radius: 2px; }
 .charts { display: flex; flex-wrap: wrap; gap: 1.5em; }
+table.heads { border-collapse: collapse; font-size: 12px; }
+table.heads td, table.heads th { border: 1px solid #ccc; padding: 2px 6px; text-align: center; }
 """
 
 
@@ -142,6 +144,19 @@ def probe_cell(model: dict, j: int) -> str:
     return f"<td>{verdict}{esc(model['probe_completions'][j]) if 'probe_completions' in model else ''}</td>"
 
 
+def heads_table(heads: list[list[dict]]) -> str:
+    """A model's heads as a grid, a row per layer: L (local) or G (global), the mean distance each attends back
+    over the held-out stories and its weight on the previous token, the cell shaded by that weight."""
+    rows = []
+    for layer, layer_heads in enumerate(heads):
+        cells = "".join(f'<td style="background:hsl(30,80%,{97 - 35 * h["previous"]:.0f}%)" title="{esc(h["type"])} '
+                        f'head, entropy {h["entropy"]:.2f} nats">{"L" if h["type"] == "local" else "G"} '
+                        f'{h["distance"]:.1f} &middot; {100 * h["previous"]:.0f}%</td>' for h in layer_heads)
+        rows.append(f"<tr><th>layer {layer}</th>{cells}</tr>")
+    head = "".join(f"<th>head {h}</th>" for h in range(len(heads[0]) if heads else 0))
+    return f"<table class=heads><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
 def render(report: dict) -> str:
     names = list(report["models"])
     models = report["models"]
@@ -159,6 +174,7 @@ def render(report: dict) -> str:
         rows.append(f"<tr><td>{esc(probe['category'])}</td><td>{esc(probe['prompt'])} "
                     f"<span class=right>{esc(probe['right'])}</span> / <span class=wrong>"
                     f"{esc(' / '.join(probe['wrong']))}</span></td>{cells}</tr>")
+    heads = "".join(f"<h3>{esc(n)}</h3>{heads_table(models[n]['heads'])}" for n in names if models[n].get("heads"))
     views = [n for n in names if "token_views" in models[n]]
     stories = []
     for k in range(min((len(models[n]["token_views"]) for n in views), default=0)):
@@ -173,6 +189,10 @@ def render(report: dict) -> str:
             f"<h2>Accuracy</h2><p>Whiskers: 95% intervals.</p><div class=charts>{''.join(charts)}</div>"
             f"<h2>Held-out stories, token by token</h2><p>Colour: the model's loss on the token (white 0 nats, red 8 "
             f"or more). Hover over a token for the model's five most likely tokens there.</p>{''.join(stories)}"
+            f"<h2>Heads</h2><p>Each head over the held-out stories: L local or G global, the mean distance it "
+            f"attends back (0: the token itself) and its weight on the previous token, shaded by that weight. "
+            f"Distance heads show a small distance and a high previous weight; content heads attend further, by "
+            f"what the tokens say.</p>{heads}"
             f"<h2>Probes and each model's greedy completion</h2><p><span class=right>&#10003;</span> / "
             f"<span class=wrong>&#10007;</span>: the model's scores put the right answer above every wrong one (the "
             f"acc rule), whatever it wrote.</p><table class=probes><tr><th>kind</th>"

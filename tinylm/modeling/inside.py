@@ -69,3 +69,30 @@ def logit_lens(model, residual: list[torch.Tensor], position: int, top: int = 5)
     probs = F.linear(model.ln_f(stack), model.wte.weight).float().softmax(-1)
     best = probs.topk(top, dim=-1)
     return [list(zip(i.tolist(), p.tolist())) for p, i in zip(best.values, best.indices)]
+
+
+@torch.no_grad()
+def heads_over(model, texts: list[list[int]]) -> list[list[dict]]:
+    """Each head's head_stats averaged over several token sequences (each cut to the model's context), weighted by
+    their tokens, with its type: per layer, per head {"type": "local" | "global", "distance", "previous",
+    "entropy"}. What evaluate.py's report shows of each model's heads."""
+    config, device = model.config, model.wte.weight.device
+    totals, weight = None, 0
+    for ids in texts:
+        ids = ids[:config.max_position_embeddings]
+        if len(ids) < 2:
+            continue
+        seen = inside(model, torch.tensor([ids], device=device))
+        stats = [head_stats(probs) for probs in seen["attention"]]
+        if totals is None:
+            totals = [[{k: 0.0 for k in head} for head in layer] for layer in stats]
+        for total_layer, layer in zip(totals, stats):
+            for total, head in zip(total_layer, layer):
+                for k, v in head.items():
+                    total[k] += v * len(ids)
+        weight += len(ids)
+    if totals is None:
+        return []
+    return [[{"type": "local" if h < config.local_heads[layer] else "global",
+              **{k: v / weight for k, v in head.items()}} for h, head in enumerate(heads)]
+            for layer, heads in enumerate(totals)]
