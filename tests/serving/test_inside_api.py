@@ -115,3 +115,23 @@ def test_a_bad_neuron_request_is_400_with_one_sentence(server):
     status, reply = request(server, "POST", "/api/neuron", {"text": "Once", "layer": 2, "index": 0})
     assert status == 400 and reply["error"] == "the model has layers 0 to 1 and neurons 0 to 127 in each; got " \
                                               "layer 2, index 0"
+
+
+def test_a_neuron_stories_file_without_stories_is_said_on_the_page(local_and_global, tmp_path):
+    folder, _, _ = local_and_global
+    (tmp_path / "empty.txt").write_text("<|endoftext|>\n")
+    running = make_server([folder], torch.device("cpu"), port=0, neuron_stories=str(tmp_path / "empty.txt"))
+    thread = threading.Thread(target=running.serve_forever, daemon=True)
+    thread.start()
+    try:
+        deadline, top = time.monotonic() + 60, {"state": "computing"}
+        while top["state"] == "computing" and time.monotonic() < deadline:
+            status, seen = request(running, "POST", "/api/neuron", {"text": "Once upon a time", "layer": 0, "index": 1})
+            assert status == 200
+            top = seen["top"]
+            time.sleep(0.05)
+        assert top["state"] == "failed" and top["why"] == f"--neuron_stories {tmp_path / 'empty.txt'} holds no stories"
+    finally:
+        running.playground.stop()
+        running.shutdown()
+        running.server_close()

@@ -144,6 +144,9 @@ def build_neuron_index(playground, name: str, index_of: dict):
             total += len(stories[-1])
             if total >= MAX_NEURON_TOKENS:
                 break
+        if not stories:
+            index_of.update(state="failed", why=f"--neuron_stories {playground.neuron_stories} holds no stories")
+            return
         index_of["of"] = len(stories)
         values = where = None
         for s, tokens in enumerate(stories):
