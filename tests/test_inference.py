@@ -294,6 +294,9 @@ def test_cli_says_each_mistake_in_one_sentence(tmp_path, capsys):
             inference_main(list(argv))
         return str(e.value)
     assert fails("--model", str(tmp_path / "m"), "--top_k", "-1") == "error: --top_k must be >= 0 (0: no limit), got -1"
+    assert fails("--serve", "--neuron_stories", str(tmp_path / "none.txt")) == (
+        f"error: --neuron_stories {tmp_path / 'none.txt'}: no such file; pass held-out stories separated by "
+        "<|endoftext|> lines (.txt), or .jsonl/.parquet rows with a text field")
     assert fails("--model", str(tmp_path / "m"), "--top_p", "1.5") == "error: --top_p must be in (0, 1] (1: no limit), " \
                                                                        "got 1.5"
     assert fails("--model", str(tmp_path)) == f"error: {tmp_path} is no model folder but holds some, e.g. " \
