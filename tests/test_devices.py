@@ -43,3 +43,16 @@ def test_a_device_this_machine_lacks_is_one_sentence_naming_the_setting():
     with pytest.raises(ValueError, match="--device 'tpu' is not a device TinyLM runs on"):
         pick_device("tpu")
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_the_cpu_description_names_the_model_and_the_flags_speed_depends_on():
+    import os
+    described = devices.cpu_description()
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo on this system: the description is platform.processor()'s")
+    first = open("/proc/cpuinfo").read().split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    flags = (fields.get("flags") or fields.get("Features") or "").split()
+    assert described.startswith(fields.get("model name", ""))
+    assert ("AMX" in described) == ("amx_bf16" in flags) and ("avx512_bf16" in described) == ("avx512_bf16" in flags)
+    assert ("AVX2" in described) == ("avx2" in flags)
