@@ -274,7 +274,7 @@ def test_a_model_trains_the_same_with_the_native_lm_head_and_without(monkeypatch
     without = loss_and_grads()
     for a, b in zip(with_native, without):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", 128)
+    monkeypatch.setattr(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", 64)
     monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
     torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: the blocked PyTorch path
     assert len(calls) == 1

@@ -8,9 +8,11 @@ fp32 at small widths by lmhead.c (native.py).
 import torch
 
 # Training's LM head and loss on CPU in fp32 runs lmhead.c (native.native_lm_head_cross_entropy) at widths that are
-# multiples of 64 up to this, where it beats the blocked PyTorch path (fwd + bwd of 4096 tokens: 1.4-1.5x at width
-# 64 and vocab 50257 or 10000, 1.1-1.2x at 128; a tie at 128 with vocab 4000, 0.9x at 192 and 256); 0 turns it off
-NATIVE_LM_HEAD_MAX_WIDTH = 128
+# multiples of 64 up to this, where it beats the blocked PyTorch path. bench/bench_thresholds.py, fwd + bwd of 4096
+# tokens (Xeon with AMX, 2 runs): 1.22-1.26x at width 64 and vocab 50257, 1.06-1.21x at vocab 4000; at 128 a tie
+# with vocab 50257 (0.95-1.01x) and 0.82x with vocab 4000 (the quickstart's shape: its fp32 step 1.08-1.10x faster
+# without it), 0.7-0.8x at 192 and 256. Earlier measurements had 1.1-1.2x at 128; 0 turns it off
+NATIVE_LM_HEAD_MAX_WIDTH = 64
 
 
 def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_block: int | None = None):
