@@ -1,7 +1,6 @@
 """inside_api.py: the playground's POST /api/inside and /api/neuron on a real server, against transformers'
 output_attentions and the model's own MLP, and each mistake as one sentence."""
 
-import threading
 import time
 
 import pytest
@@ -11,8 +10,7 @@ from transformers import GPTNeoForCausalLM
 
 from helpers import make_stories, sharpen_, write_txt
 from tinylm.data.tokenizer import gpt_neo_tokenizer
-from tinylm.serving.playground import make_server
-from test_playground import request
+from test_playground import request, serving
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +29,8 @@ def local_and_global(tmp_path_factory):
 @pytest.fixture
 def server(local_and_global):
     folder, _, stories = local_and_global
-    running = make_server([folder], torch.device("cpu"), port=0, max_prompt_chars=400, neuron_stories=stories)
-    thread = threading.Thread(target=running.serve_forever, daemon=True)
-    thread.start()
-    yield running
-    running.playground.stop()
-    running.shutdown()
-    running.server_close()
+    with serving([folder], max_prompt_chars=400, neuron_stories=stories) as running:
+        yield running
 
 
 TEXT = "Once upon a time, Lily found a red ball in the park. She kicked it to Tom, and Tom laughed."
@@ -120,10 +113,7 @@ def test_a_bad_neuron_request_is_400_with_one_sentence(server):
 def test_a_neuron_stories_file_without_stories_is_said_on_the_page(local_and_global, tmp_path):
     folder, _, _ = local_and_global
     (tmp_path / "empty.txt").write_text("<|endoftext|>\n")
-    running = make_server([folder], torch.device("cpu"), port=0, neuron_stories=str(tmp_path / "empty.txt"))
-    thread = threading.Thread(target=running.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving([folder], neuron_stories=str(tmp_path / "empty.txt")) as running:
         deadline, top = time.monotonic() + 60, {"state": "computing"}
         while top["state"] == "computing" and time.monotonic() < deadline:
             status, seen = request(running, "POST", "/api/neuron", {"text": "Once upon a time", "layer": 0, "index": 1})
@@ -131,7 +121,3 @@ def test_a_neuron_stories_file_without_stories_is_said_on_the_page(local_and_glo
             top = seen["top"]
             time.sleep(0.05)
         assert top["state"] == "failed" and top["why"] == f"--neuron_stories {tmp_path / 'empty.txt'} holds no stories"
-    finally:
-        running.playground.stop()
-        running.shutdown()
-        running.server_close()

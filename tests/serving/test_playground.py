@@ -1,5 +1,6 @@
 """playground.py and `inference.py --serve`: the real server on a free loopback port, spoken to over HTTP."""
 
+import contextlib
 import http.client
 import json
 import math
@@ -34,15 +35,25 @@ def model_folder(tmp_path_factory):
     return str(folder)
 
 
+@contextlib.contextmanager
+def serving(models: list[str], **limits):
+    """The playground serving in a thread, on a free port, until the block ends: its open work stopped (the
+    neurons' contexts being built included), then the server shut."""
+    running = make_server(models, torch.device("cpu"), port=0, **limits)
+    threading.Thread(target=running.serve_forever, daemon=True).start()
+    try:
+        yield running
+    finally:
+        running.playground.stop()
+        running.shutdown()
+        running.server_close()
+
+
 @pytest.fixture
 def server(model_folder):
     """The playground serving in a thread, on a free port; yields (server, folder)."""
-    running = make_server([model_folder], torch.device("cpu"), port=0, max_streams=1, max_prompt_chars=400)
-    thread = threading.Thread(target=running.serve_forever, daemon=True)
-    thread.start()
-    yield running, model_folder
-    running.shutdown()
-    running.server_close()
+    with serving([model_folder], max_streams=1, max_prompt_chars=400) as running:
+        yield running, model_folder
 
 
 def request(server, method: str, path: str, body=None, raw: bytes | None = None):

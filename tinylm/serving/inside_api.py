@@ -10,7 +10,7 @@ import torch
 
 from tinylm.data.corpus import non_empty, read_stories
 from tinylm.modeling.inside import head_stats, inside, logit_lens
-from tinylm.serving.requests import RequestError, checked
+from tinylm.serving.requests import IDS_FIELD, RequestError, checked, checked_ids
 
 TOP = 5  # next tokens per layer in the logit lens
 TOP_CONTEXTS = 8  # contexts kept per neuron
@@ -24,8 +24,7 @@ def text_ids(playground, body: dict, fields: dict) -> tuple[dict, object, object
     values = checked(body, {
         "model": (playground.models[0], str, None, "the name of a model on offer"),
         "text": (None, str, lambda v: v.strip() != "", "some text"),
-        "ids": (None, list, lambda v: all(isinstance(i, int) and not isinstance(i, bool) for i in v),
-                "a list of token ids"),
+        "ids": IDS_FIELD,
         **fields})
     if (values["text"] is None) == (values["ids"] is None):
         raise RequestError("give the text to look inside as text or as ids (the story's tokens), one of them")
@@ -37,13 +36,16 @@ def text_ids(playground, body: dict, fields: dict) -> tuple[dict, object, object
                                 f"{playground.max_prompt_chars:,} (--max_prompt_chars)")
         ids = tokenizer.encode(values["text"])
     else:
-        ids = values["ids"]
-        if not ids or not all(0 <= i < vocab for i in ids):
-            raise RequestError(f"ids must hold 1 or more token ids from 0 to {vocab - 1}")
+        ids = checked_ids(values["ids"], vocab)
     if len(ids) > context:
         raise RequestError(f"the text is {len(ids)} tokens and the model's context is {context}: shorten it to at "
                             f"most {context} tokens")
     return values, model, tokenizer, ids
+
+
+def token_list(tokenizer, ids: list[int]) -> list[dict]:
+    """The text's tokens as the page shows them: [{"id", "text"}]."""
+    return [{"id": i, "text": tokenizer.decode([i])} for i in ids]
 
 
 def inside_request(playground, body: dict) -> dict:
@@ -71,7 +73,7 @@ def inside_request(playground, body: dict) -> dict:
                           "weights": probs[head, position, :position + 1].tolist(), **stats})
         layers.append({"layer": layer, "heads": heads})
     reply = {"model": values["model"], "position": position,
-             "tokens": [{"id": i, "text": tokenizer.decode([i])} for i in ids], "layers": layers,
+             "tokens": token_list(tokenizer, ids), "layers": layers,
              "lens": [{"layer": "embedding" if k == 0 else "output" if k == config.n_layer else k - 1,
                        "top": [[tokenizer.decode([i]), p, i] for i, p in top]} for k, top in enumerate(lens)],
              "neurons": {"layers": config.n_layer, "per_layer": seen["neurons"][0].size(1)}}
@@ -100,7 +102,7 @@ def neuron_request(playground, body: dict) -> dict:
         raise RequestError(f"the model has layers 0 to {model.config.n_layer - 1} and neurons 0 to "
                             f"{seen['neurons'][0].size(1) - 1} in each; got layer {layer}, index {index}")
     return {"model": values["model"], "layer": layer, "index": index,
-            "tokens": [{"id": i, "text": tokenizer.decode([i])} for i in ids],
+            "tokens": token_list(tokenizer, ids),
             "activations": seen["neurons"][layer][:, index].tolist(),
             "top": top_contexts(playground, values["model"], layer, index)}
 

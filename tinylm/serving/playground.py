@@ -52,7 +52,7 @@ from tinylm.checkpoint import load_model_and_tokenizer
 from tinylm.data.tokenizer import text_stream
 from tinylm.evaluation.scoring import token_view
 from tinylm.serving.inside_api import inside_request, neuron_request
-from tinylm.serving.requests import RequestError, checked
+from tinylm.serving.requests import IDS_FIELD, RequestError, checked, checked_ids
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
 MAX_BODY_BYTES = 1 << 20
@@ -130,8 +130,7 @@ def generate_request(playground: Playground, body: dict) -> dict:
     values = checked(body, {
         "model": (name, str, None, "the name of a model on offer"),
         "prompt": ("Once upon a time", str, None, "text"),
-        "ids": (None, list, lambda v: all(isinstance(i, int) and not isinstance(i, bool) for i in v),
-                "a list of token ids"),
+        "ids": IDS_FIELD,
         "temperature": (0.8, float, lambda v: 0 <= v <= 10, "a number from 0 (greedy) to 10"),
         "top_k": (50, int, lambda v: v >= 0, "an integer >= 0 (0: no limit)"),
         "top_p": (None, float, lambda v: 0 < v <= 1, "a number in (0, 1], or null for no limit"),
@@ -151,9 +150,7 @@ def story_events(playground: Playground, request: dict):
     model, tokenizer = playground.model(request["model"])
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if request["ids"] is not None:  # a branch: the story so far, in tokens, ending with the one chosen
-        ids = request["ids"]
-        if not ids or not all(0 <= i < vocab for i in ids):
-            raise RequestError(f"ids must hold 1 or more token ids from 0 to {vocab - 1}")
+        ids = checked_ids(request["ids"], vocab)
     else:
         ids = tokenizer.encode(request["prompt"]) or [tokenizer.eos_token_id]
     if len(ids) >= context:

@@ -29,3 +29,15 @@ def checked(body: dict, fields: dict) -> dict:
             raise RequestError(f"{name} must be {says}, got {json.dumps(value)}")
         values[name] = value
     return values
+
+
+# A request's token ids: the story so far (a branch in /api/generate, the text on screen in the Inside view)
+IDS_FIELD = (None, list, lambda v: all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+             "a list of token ids")
+
+
+def checked_ids(ids: list[int], vocab: int) -> list[int]:
+    """ids, when it holds 1 or more ids of this vocabulary; else a RequestError naming the field."""
+    if not ids or not all(0 <= i < vocab for i in ids):
+        raise RequestError(f"ids must hold 1 or more token ids from 0 to {vocab - 1}")
+    return ids
