@@ -32,11 +32,12 @@ from tinylm.checkpoint import (StorageError, check_run_folder, clear_run, comman
                         resumable_checkpoint, run_folder_lock, save_checkpoint)
 from tinylm.data.cache import get_batch, prepare_data
 from tinylm.data.tokenizer import FULL_VOCAB, load_tokenizer
-from tinylm.devices import pick_device, pick_dtype
+from tinylm.devices import pick_device
 from tinylm.evaluation.scoring import evaluate_loss
 from tinylm.storage import storage_failure
 from tinylm.training.config import TrainConfig, load_config
 from tinylm.training.optimizers import Optimizers, budget_progress, get_lr, make_optimizer
+from tinylm.training.precision import pick_precision
 from tinylm.training.runlog import plot_losses, start_wandb
 
 BUDGET_UNITS = 1000  # the progress bar counts thousandths of the budget
@@ -240,7 +241,7 @@ def set_up(args, config: dict, notes: list[str], rank: int, world: int, device) 
     log("[model] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_config).items()))
     model = GPTNeo(model_config).to(device)
     opt = make_optimizer(model, t, device)
-    precision, why = pick_dtype(t.dtype, device)
+    precision, why = run_precision(t.dtype, device, model, t.batch_size, config["data"].block_size, rank, world, log)
     log(f"# {model.num_params() / 1e6:.2f}M parameters, {len(splits['train']):,} train tokens, device {device}"
         + (f", {world} processes" if world > 1 else "")
         + (", bf16 mixed precision" if precision == "bfloat16" else ", float32")
@@ -266,6 +267,16 @@ def set_up(args, config: dict, notes: list[str], rank: int, world: int, device) 
         if run.wandb_run is not None:
             state["wandb_id"] = run.wandb_run.id
     return run
+
+
+def run_precision(name: str, device, model, batch_size: int, block_size: int, rank: int, world: int, log):
+    """pick_precision's (precision, why); with several processes rank 0 measures and every rank takes its answer
+    (ranks that measured apart could train in different precisions)."""
+    if world == 1:
+        return pick_precision(name, device, model, batch_size, block_size, say=log)
+    answer = [pick_precision(name, device, model, batch_size, block_size, say=log) if rank == 0 else None]
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]
 
 
 def load_data(args, config: dict, rank: int, world: int, log) -> tuple:

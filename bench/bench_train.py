@@ -6,8 +6,9 @@
 
 Both models start from the same weights and run the same loop (batch from the token stream, forward, loss,
 backward, grad-norm clip, AdamW step), taking turns step by step; with several --dtype, every model runs in each
-(auto: what train.py picks here) and a line per dtype gives its speed against the first; with auto, float32 and
-bfloat16 all given, a last line says what auto took and how fast that is against the faster of the two. The
+(auto: what train.py picks for that model here, measured at its shapes on a CPU with bf16 instructions, and a line
+says so) and a line per dtype gives its speed against the first; with auto, float32 and bfloat16 all given, a last
+line says what auto took and how fast that is against the faster of the two. The
 header names the CPU and the features its speed depends on (AMX, avx512_bf16, AVX-512, AVX2). MFU = model FLOPs per
 second / the matmul FLOP/s this machine reaches in the dtype that runs the matmuls (a large matmul, measured here;
 a GPU's is always its bf16 peak, what its FLOPs are quoted in), with nanoGPT's count: 6 * parameters
@@ -32,9 +33,10 @@ sys.path.insert(0, ROOT)
 from bench_model import interleaved_medians  # noqa: E402
 from tinylm.training.config import TrainConfig, load_config  # noqa: E402
 from tinylm.data.cache import get_batch  # noqa: E402
-from tinylm.devices import cpu_description, pick_dtype  # noqa: E402
+from tinylm.devices import cpu_description  # noqa: E402
 from model import GPTNeo  # noqa: E402
 from tinylm.training.optimizers import make_optimizer  # noqa: E402
+from tinylm.training.precision import pick_precision  # noqa: E402
 
 
 def matmul_flops_per_second(device, n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
@@ -111,15 +113,15 @@ def main():
                    help="transformers attention implementations, or none")
     args = p.parse_args()
     device = torch.device(args.device)
-    dtypes = list(dict.fromkeys(pick_dtype(d, device)[0] for d in args.dtype))
+    # auto is decided per model (measured at its shapes on a CPU with bf16 instructions): either may run
+    candidates = {"auto": ["float32", "bfloat16"] if device.type == "cpu" else [pick_precision("auto", device)[0]]}
+    peak_dtypes = list(dict.fromkeys(d for requested in args.dtype for d in candidates.get(requested, [requested])))
     # MFU against the GPU's bf16 matmul peak (what its FLOPs are quoted in), or the CPU's in the run's dtype
     peaks = {d: matmul_flops_per_second(device, dtype=getattr(torch, "bfloat16" if device.type == "cuda" else d))
-             for d in dtypes}
+             for d in peak_dtypes}
     peak_names = ", ".join(f"{'bfloat16' if device.type == 'cuda' else d} {peak / 1e12:.2f} TFLOP/s"
                            for d, peak in peaks.items())
-    auto, why = pick_dtype("auto", device)
-    print(f"{cpu_description() if device.type == 'cpu' else torch.cuda.get_device_name(device)}; train.dtype = auto "
-          f"takes {auto} ({why})")
+    print(cpu_description() if device.type == "cpu" else torch.cuda.get_device_name(device))
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads"
           f"{', compiled' if args.compile else ''}; measured matmul peak {peak_names}; "
           f"batch {args.batch_size} x {args.block_size}")
@@ -136,6 +138,10 @@ def main():
         ours = ours.to(device)
         stream = np.random.default_rng(0).integers(0, config.vocab_size, 1_000_000).astype(np.int64)
         flops = flops_per_token(ours, args.block_size)
+        auto, why = pick_precision("auto", device, ours, args.batch_size, args.block_size)
+        if "auto" in args.dtype:
+            print(f"{name:15s} train.dtype = auto takes {auto}: {why}")
+        dtypes = list(dict.fromkeys(auto if d == "auto" else d for d in args.dtype))
         compiled = torch.compile if args.compile else (lambda m: m)
         fns = {}
         for dtype in dtypes:  # each model a copy per dtype: their optimizers step apart

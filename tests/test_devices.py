@@ -1,25 +1,10 @@
-"""devices.py: the device and the training precision a run picks, and what it says when it cannot have one."""
+"""devices.py: the device a run picks, what it says when it cannot have one, and what the CPU has."""
 
 import pytest
 import torch
 
 from tinylm import devices
-from tinylm.devices import pick_device, pick_dtype
-
-
-@pytest.mark.parametrize("amx, avx512_bf16, expected", [
-    (True, True, ("bfloat16", "this CPU has bf16 instructions (AMX), faster than its fp32 ones")),
-    # an AMD EPYC (Zen 4): no AMX, and bf16 mixed precision still trains 1.4-1.5x faster than fp32 there
-    (False, True, ("bfloat16", "this CPU has bf16 instructions (avx512_bf16), faster than its fp32 ones")),
-    (False, False, ("float32", "this CPU has no bf16 instructions (AMX or avx512_bf16)")),  # AVX2 laptops
-])
-def test_auto_dtype_takes_bf16_where_the_cpu_has_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    assert pick_dtype("auto", cpu) == expected
-    assert pick_dtype("bfloat16", cpu) == ("bfloat16", "set by train.dtype")  # asked for: given, slow or not
-    assert pick_dtype("float32", cpu)[0] == "float32"
+from tinylm.devices import pick_device
 
 
 def test_cpu_detection_reads_the_cpu_and_falls_back_to_false(monkeypatch):
@@ -33,7 +18,6 @@ def test_cpu_detection_reads_the_cpu_and_falls_back_to_false(monkeypatch):
     assert devices.cpu_bf16_support() is None
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a PyTorch without the probe: fp32, no error
     assert devices.cpu_bf16_support() is None
-    assert pick_dtype("auto", torch.device("cpu"))[0] == "float32"
 
 
 def test_a_device_this_machine_lacks_is_one_sentence_naming_the_setting():

@@ -3,7 +3,7 @@ a ValueError naming the flag or setting that asked for it.
 
     device = pick_device("auto")                       # inference.py --device, evaluate.py --device
     device = pick_device("cuda:1", "train.device")     # train.py's [train] device
-    dtype, why = pick_dtype("auto", device)            # train.py's [train] dtype: "bfloat16" or "float32"
+    cpu_bf16_support()                                 # "AMX", "avx512_bf16" or None (training/precision.py asks)
 """
 
 import os
@@ -37,10 +37,10 @@ def pick_device(name: str, flag: str = "--device") -> torch.device:
 
 
 def cpu_bf16_support() -> str | None:
-    """What this CPU has that runs bf16 matmuls faster than fp32 ones, or None: "AMX" (Intel Sapphire Rapids and
-    later: oneDNN's bf16 matmuls 3-7x its fp32 ones) or "avx512_bf16" (AMD Zen 4 and later, Intel Cooper Lake:
-    2-5x). Measured with TinyLM's own training step, bf16 mixed precision was 1.4-1.5x fp32 on both kinds of
-    machine at the recipes' shapes (docs/precision.md). Asked at run time; None where PyTorch cannot tell."""
+    """The bf16 instructions this CPU has, or None: "AMX" (Intel Sapphire Rapids and later) or "avx512_bf16" (AMD
+    Zen 4 and later, Intel Cooper Lake). Without either PyTorch emulates bf16 matmuls, far slower than fp32 ones;
+    with either bf16 may or may not be faster, which train.dtype = auto measures (training/precision.py). Asked at
+    run time; None where PyTorch cannot tell."""
     try:
         if not torch.cpu._is_avx512_bf16_supported():
             return None
@@ -62,18 +62,3 @@ def cpu_description() -> str:
     features = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "avx512_bf16"), ("avx512f", "AVX-512"),
                                           ("avx2", "AVX2"), ("asimd", "NEON"), ("bf16", "bf16")) if flag in flags]
     return f"{name} ({', '.join(features) or 'none of AMX, avx512_bf16, AVX-512, AVX2'})"
-
-
-def pick_dtype(name: str, device: torch.device) -> tuple[str, str]:
-    """(the training precision, why) for train.dtype `name`: "float32", or "bfloat16" (mixed precision: bf16
-    matmuls under autocast, fp32 weights, optimizer state, LayerNorm, softmax and loss). "auto" takes bfloat16
-    on a CUDA GPU that supports it and on a CPU with bf16 instructions (AMX or avx512_bf16), float32 elsewhere."""
-    if name != "auto":
-        return name, "set by train.dtype"
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bfloat16", "this GPU supports bf16"
-    support = cpu_bf16_support() if device.type == "cpu" else None
-    if support:
-        return "bfloat16", f"this CPU has bf16 instructions ({support}), faster than its fp32 ones"
-    return "float32", {"cpu": "this CPU has no bf16 instructions (AMX or avx512_bf16)",
-                       "mps": "mixed precision is untried on MPS", "cuda": "this GPU has no bf16 support"}[device.type]

@@ -1,5 +1,7 @@
 """decode.c through native.py: the same logits as GPTNeo.decode_step, the same greedy tokens as transformers."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,7 +212,9 @@ def model_loss_and_grads(model, idx):
 
 
 def test_a_model_trains_the_same_with_native_attention_and_without(monkeypatch):
-    # every layer kind: global, local (window 5 of 24 tokens), and both in one layer; head size 4
+    # every layer kind: global, local (window 5 of 24 tokens), and both in one layer; head size 4. Whatever this
+    # build's speed (faster_here), the C path is taken: the results are what this checks
+    monkeypatch.setattr(native, "faster_here", lambda name, library: True)
     config = GPTNeoConfig(vocab_size=60, max_position_embeddings=24, n_layer=3, n_head=4, n_embd=16, window_size=5,
                           local_heads=[0, 4, 2])
     model = GPTNeo(config)
@@ -259,6 +263,7 @@ def test_native_lm_head_gives_the_loss_and_gradients_of_cross_entropy(N, C, V, s
 
 
 def test_a_model_trains_the_same_with_the_native_lm_head_and_without(monkeypatch):
+    monkeypatch.setattr(native, "faster_here", lambda name, library: True)  # this build, fast here or not
     config = GPTNeoConfig(vocab_size=300, max_position_embeddings=24, n_layer=1, n_head=4, n_embd=64)
     model = GPTNeo(config)
     idx = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
@@ -278,6 +283,42 @@ def test_a_model_trains_the_same_with_the_native_lm_head_and_without(monkeypatch
     monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
     torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: the blocked PyTorch path
     assert len(calls) == 1
+
+
+class FakeBuild:
+    def __init__(self, flags, floats):
+        self.tinylm_build, self.floats = ["cc", "-march=native", *flags], floats
+
+    def tinylm_lm_head_vector_floats(self):
+        return self.floats
+
+
+@pytest.mark.parametrize("flags, floats, threads, attention, lm_head_runs", [
+    (["-fopenmp"], 16, 2, True, True),   # gcc with OpenMP, AVX-512: both run
+    (["-fopenmp"], 8, 2, True, False),   # built for AVX2: lmhead.c ran at 0.41-0.52x PyTorch's speed
+    (["-fopenmp"], 4, 2, True, False),   # SSE2 or NEON
+    ([], 16, 2, False, False),           # no OpenMP (clang without libomp): one core against PyTorch's two
+    ([], 16, 1, True, True),             # ...unless PyTorch has one thread too
+])
+def test_the_training_kernels_run_only_in_builds_that_beat_pytorch(monkeypatch, flags, floats, threads, attention,
+                                                                   lm_head_runs):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert native.faster_here("attention", FakeBuild(flags, floats)) == attention
+    assert native.faster_here("lmhead", FakeBuild(flags, floats)) == lm_head_runs
+    monkeypatch.setattr(native, "build_library", lambda name="decode": (FakeBuild(flags, floats), None))
+    assert lm_head.native_lm_head_runs(torch.randn(8, 64), torch.randn(10, 64)) == lm_head_runs
+
+
+def test_lmhead_c_computes_in_the_widest_vectors_of_its_build():
+    library = native.load_library("lmhead")
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    march = os.environ.get("TINYLM_MARCH") or "native"
+    expected = {"x86-64-v3": 8, "x86-64": 4}.get(march)
+    if expected is None and march == "native" and "avx2" in flags:  # an x86-64 CPU, by its flags
+        expected = 16 if "avx512f" in flags else 8
+    if expected is None:
+        pytest.skip(f"no expectation for -march={march} on this CPU")
+    assert native.vector_floats(library) == expected
 
 
 def test_bf16_softmax_passes_give_what_pytorch_operations_give(monkeypatch):

@@ -18,22 +18,66 @@
 #pragma GCC target("prefer-vector-width=512")
 #endif
 
-// 16 floats, one AVX-512 register (two AVX2 or four NEON ones); loads and stores through memcpy may be unaligned
-typedef float v16 __attribute__((vector_size(64)));
-#define LANES 16
-#define TILE_ROWS 8      // rows of h per tile: 8 accumulators of 16 logits
+// The arithmetic runs in the widest vectors the target has: 16 floats with AVX-512, 8 with AVX or AVX2, 4 with SSE2
+// or NEON. (One 64-byte GCC vector on a target without AVX-512 is expanded piecewise through memory: the AVX2 build
+// ran 13x slower than with these, bench/bench_thresholds.py under TINYLM_MARCH=x86-64-v3.)
+#if defined(__AVX512F__)
+#define VEC 16
+#elif defined(__AVX__)
+#define VEC 8
+#else
+#define VEC 4
+#endif
+typedef float vf __attribute__((vector_size(VEC * sizeof(float))));
+#define LANES 16         // entries of w per tile (native.py's layout of wt), PARTS vectors of VEC floats
+#define PARTS (LANES / VEC)
+#define TILE_ROWS 8      // rows of h per tile of 16 logits a row
 #define BLOCK 256        // vocabulary entries per block: a tile row's logits stay in L1
 #define GROUP_ROWS 256   // rows of h per forward work unit, kept in L2 while all of w streams past them
-#define CHUNK 64         // columns of C per pass of the gradient products: 4 vectors a row
+#define CHUNK (4 * VEC)  // columns of C per pass of the gradient products: 4 vectors a row
+// Rows of grad_h per pass of its products: 4 x 4 accumulators fill AVX-512's 32 registers; AVX2 and SSE2 have 16
+// (AVX2 at 4 rows or 1: within 3%, bench/bench_thresholds.py under TINYLM_MARCH=x86-64-v3)
+#define GRAD_ROWS (VEC == 16 ? 4 : 2)
+typedef struct {
+    vf part[PARTS];
+} v16;                   // 16 floats; loads and stores through memcpy may be unaligned
 
-static inline v16 load16(const float *p) {
+#define INLINE static inline __attribute__((always_inline))
+INLINE vf loadv(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+INLINE void storev(float *p, vf v) {
+    memcpy(p, &v, sizeof v);
+}
+
+INLINE v16 load16(const float *p) {
     v16 v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void store16(float *p, v16 v) {
+INLINE void store16(float *p, v16 v) {
     memcpy(p, &v, sizeof v);
+}
+
+INLINE v16 zero16(void) {
+    v16 v;
+    for (int i = 0; i < PARTS; i++) v.part[i] = (vf){0};
+    return v;
+}
+
+// acc + s * x
+INLINE v16 fma16(v16 acc, float s, v16 x) {
+    for (int i = 0; i < PARTS; i++) acc.part[i] += s * x.part[i];
+    return acc;
+}
+
+// The floats per vector this build computes in (native.py runs lmhead.c only where it is 16)
+int tinylm_lm_head_vector_floats(void) {
+    return VEC;
 }
 
 // exp(x), x <= 88 (a logit minus its row's max or log-sum-exp, up to rounding): 2^n * e^r with n = round(x / ln 2),
@@ -56,14 +100,13 @@ static inline float exp_clamped(float x) {
 }
 
 // The logits of TILE_ROWS rows of h (row stride C) against one tile of wt (C, 16): 16 entries of w, transposed
-static inline __attribute__((always_inline)) void tile_logits(const float *h, const float *wt, int C, float *out,
-                                                             int out_stride) {
+INLINE void tile_logits(const float *h, const float *wt, int C, float *out, int out_stride) {
     v16 acc[TILE_ROWS];
-    for (int r = 0; r < TILE_ROWS; r++) acc[r] = (v16){0};
+    for (int r = 0; r < TILE_ROWS; r++) acc[r] = zero16();
     for (int k = 0; k < C; k++) {
         v16 wk = load16(wt + (size_t)k * LANES);
         #pragma GCC unroll 8
-        for (int r = 0; r < TILE_ROWS; r++) acc[r] += h[(size_t)r * C + k] * wk;
+        for (int r = 0; r < TILE_ROWS; r++) acc[r] = fma16(acc[r], h[(size_t)r * C + k], wk);
     }
     for (int r = 0; r < TILE_ROWS; r++) store16(out + (size_t)r * out_stride, acc[r]);
 }
@@ -135,42 +178,40 @@ void tinylm_lm_head_backward(const float *h, const float *w, const float *wt, co
                     for (int j = 0; j < n; j++) row[j] = s * exp_clamped(row[j] - l);
                 }
                 for (int c = 0; c < C; c += CHUNK) {
-                    // grad_h's rows, four at a time: 16 accumulators, each w row loaded once for four rows
-                    for (int rh = 0; rh < TILE_ROWS; rh += 4) {
-                        v16 acc[4][4];
-                        for (int r = 0; r < 4; r++)
-                            for (int q = 0; q < 4; q++) acc[r][q] = load16(gh + (size_t)(r0 + rh + r) * C + c + q * LANES);
+                    // grad_h's rows, GRAD_ROWS at a time: each w row loaded once for all of them
+                    for (int rh = 0; rh < TILE_ROWS; rh += GRAD_ROWS) {
+                        vf acc[GRAD_ROWS][4];
+                        for (int r = 0; r < GRAD_ROWS; r++)
+                            for (int q = 0; q < 4; q++) acc[r][q] = loadv(gh + (size_t)(r0 + rh + r) * C + c + q * VEC);
                         for (int j = 0; j < n; j++) {
                             const float *wj = wb + (size_t)j * C + c;
-                            v16 w0 = load16(wj), w1 = load16(wj + LANES), w2 = load16(wj + 2 * LANES),
-                                w3 = load16(wj + 3 * LANES);
+                            vf w0 = loadv(wj), w1 = loadv(wj + VEC), w2 = loadv(wj + 2 * VEC), w3 = loadv(wj + 3 * VEC);
                             #pragma GCC unroll 4
-                            for (int r = 0; r < 4; r++) {
+                            for (int r = 0; r < GRAD_ROWS; r++) {
                                 float p = buf[(rh + r) * BLOCK + j];
                                 acc[r][0] += p * w0, acc[r][1] += p * w1, acc[r][2] += p * w2, acc[r][3] += p * w3;
                             }
                         }
-                        for (int r = 0; r < 4; r++)
-                            for (int q = 0; q < 4; q++) store16(gh + (size_t)(r0 + rh + r) * C + c + q * LANES, acc[r][q]);
+                        for (int r = 0; r < GRAD_ROWS; r++)
+                            for (int q = 0; q < 4; q++) storev(gh + (size_t)(r0 + rh + r) * C + c + q * VEC, acc[r][q]);
                     }
                     // grad_w's rows, two at a time: each row of h loaded once for both
                     for (int j = 0; j < n; j += 2) {
                         int two = j + 1 < n;
                         float *g0 = gw + (size_t)j * C + c, *g1 = two ? g0 + C : g0;
-                        v16 a[2][4];
-                        for (int q = 0; q < 4; q++) a[0][q] = load16(g0 + q * LANES), a[1][q] = (v16){0};
+                        vf a[2][4];
+                        for (int q = 0; q < 4; q++) a[0][q] = loadv(g0 + q * VEC), a[1][q] = (vf){0};
                         #pragma GCC unroll 8
                         for (int r = 0; r < TILE_ROWS; r++) {
                             const float *hrow = hr + (size_t)r * C + c;
                             float p0 = buf[r * BLOCK + j], p1 = two ? buf[r * BLOCK + j + 1] : 0.f;
-                            v16 h0 = load16(hrow), h1 = load16(hrow + LANES), h2 = load16(hrow + 2 * LANES),
-                                h3 = load16(hrow + 3 * LANES);
+                            vf h0 = loadv(hrow), h1 = loadv(hrow + VEC), h2 = loadv(hrow + 2 * VEC), h3 = loadv(hrow + 3 * VEC);
                             a[0][0] += p0 * h0, a[0][1] += p0 * h1, a[0][2] += p0 * h2, a[0][3] += p0 * h3;
                             a[1][0] += p1 * h0, a[1][1] += p1 * h1, a[1][2] += p1 * h2, a[1][3] += p1 * h3;
                         }
-                        for (int q = 0; q < 4; q++) store16(g0 + q * LANES, a[0][q]);
+                        for (int q = 0; q < 4; q++) storev(g0 + q * VEC, a[0][q]);
                         if (two)
-                            for (int q = 0; q < 4; q++) store16(g1 + q * LANES, load16(g1 + q * LANES) + a[1][q]);
+                            for (int q = 0; q < 4; q++) storev(g1 + q * VEC, loadv(g1 + q * VEC) + a[1][q]);
                     }
                 }
             }

@@ -89,11 +89,12 @@ def declare(library: ctypes.CDLL) -> ctypes.CDLL:
                  "tinylm_lm_head_lse": [pointer] * 2 + [i32] * 3 + [pointer],
                  "tinylm_lm_head_backward": [pointer] * 5 + [i32] * 3 + [pointer] * 2,
                  "tinylm_lse_update_bf16": [pointer] + [i32] * 3 + [pointer] * 2,
-                 "tinylm_exp_bf16": [pointer] + [i32] * 3 + [pointer] * 2}
+                 "tinylm_exp_bf16": [pointer] + [i32] * 3 + [pointer] * 2,
+                 "tinylm_lm_head_vector_floats": []}
     for name, argtypes in functions.items():
         if hasattr(library, name):
             getattr(library, name).argtypes = argtypes
-            getattr(library, name).restype = None
+            getattr(library, name).restype = ctypes.c_int if name == "tinylm_lm_head_vector_floats" else None
     return library
 
 
@@ -165,10 +166,33 @@ def checked(library: ctypes.CDLL, name: str) -> ctypes.CDLL:
 
 
 def trains_natively(name: str, *tensors) -> bool:
-    """Whether NAME.c (a training kernel, see SOURCES) can take these tensors: all fp32 on CPU, not under
-    torch.compile (which cannot trace a C call), and the file builds (once per machine)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.compiler.is_compiling() and build_library(name)[0] is not None)
+    """Whether NAME.c (a training kernel, see SOURCES) can take these tensors and is the faster side here: all fp32
+    on CPU, not under torch.compile (which cannot trace a C call), the file builds (once per machine), and the
+    build is one that beats PyTorch (faster_here)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) or torch.compiler.is_compiling():
+        return False
+    library = build_library(name)[0]
+    return library is not None and faster_here(name, library)
+
+
+def faster_here(name: str, library: ctypes.CDLL) -> bool:
+    """Whether this build of a training kernel (attention.c, lmhead.c) beats PyTorch's operations, by what it was
+    built with. bench/bench_thresholds.py on a 2-core Xeon, the C files built each way (docs/speed.md):
+    - built without OpenMP it runs on one core and lost to PyTorch's two threads at every size (attention.c
+      0.52-0.88x, lmhead.c 0.44-0.54x; clang without libomp), so it runs only where PyTorch has one thread;
+    - lmhead.c's tiles want AVX-512's 32 registers: built for AVX2 (x86-64-v3) it ran at 0.41-0.52x PyTorch's
+      speed (PyTorch kept to AVX2 too), so it runs only in builds with 16-float vectors.
+    attention.c held its size rule at both levels (1.15-1.38x at head sizes 4 and 8 with AVX2)."""
+    if "-fopenmp" not in getattr(library, "tinylm_build", ["-fopenmp"]) and torch.get_num_threads() > 1:
+        return False
+    return name != "lmhead" or vector_floats(library) >= 16
+
+
+def vector_floats(library: ctypes.CDLL) -> int:
+    """The floats per vector lmhead.c was built with: 16 with AVX-512, 8 with AVX2, 4 with SSE2 or NEON."""
+    if not hasattr(library, "tinylm_vector_floats"):
+        library.tinylm_vector_floats = library.tinylm_lm_head_vector_floats()
+    return library.tinylm_vector_floats
 
 
 def native_decode_step(model, argmax_only: bool = False):
