@@ -9,8 +9,11 @@ PyTorch in fp32 training on CPU, and whether the rule picks the faster side at e
   4096 tokens, forward + backward, by lmhead.c and by the blocked PyTorch path, at widths 64-256 and vocabularies
   50257 (the released models) and 4000 (the recipes).
 
-Each line: the two sides' median milliseconds (taking turns), C's speed-up, what the rule picks, and "ok" where
-that is the faster side or within 5% of it. The header names the CPU and its flags.
+Each line: the two sides' median milliseconds (taking turns), C's speed-up, what the rule picks (the size rule and
+native.faster_here, the build's: OpenMP, and 16-float vectors for lmhead.c), and "ok" where that is the faster side
+or within 5% of it. The header names the CPU, its flags and how each file was built. To see another build on this
+machine: CC=clang, TINYLM_MARCH=x86-64-v3; to keep PyTorch to AVX2 as well, as on an AVX2 laptop:
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import model as model_module  # noqa: E402
 from bench_model import interleaved_medians  # noqa: E402
 from model import GPTNeo, GPTNeoConfig  # noqa: E402
 from tinylm.devices import cpu_description  # noqa: E402
+from tinylm.kernels import native  # noqa: E402
 from tinylm.modeling import lm_head  # noqa: E402
 
 
@@ -37,6 +41,7 @@ def verdict(native_ms: float, torch_ms: float, rule_picks_native: bool) -> str:
 
 def attention_lines(repeats: int):
     rule = model_module.NATIVE_ATTENTION_MAX_HEAD_DIM
+    build_wins = native.faster_here("attention", native.load_library("attention"))
     for head_dim in (4, 8, 16, 32):
         torch.manual_seed(0)
         net = GPTNeo(GPTNeoConfig(vocab_size=4000, max_position_embeddings=512, n_layer=2, n_head=128 // head_dim,
@@ -52,11 +57,12 @@ def attention_lines(repeats: int):
         t = interleaved_medians({"C": step(10 ** 6), "PyTorch": step(0)}, repeats)
         model_module.NATIVE_ATTENTION_MAX_HEAD_DIM = rule
         print(f"attention.c  head size {head_dim:3d}: C {1000 * t['C']:7.1f} ms  PyTorch {1000 * t['PyTorch']:7.1f} ms  "
-              f"speed-up {t['PyTorch'] / t['C']:4.2f}x  {verdict(t['C'], t['PyTorch'], head_dim <= rule)}", flush=True)
+              f"speed-up {t['PyTorch'] / t['C']:4.2f}x  {verdict(t['C'], t['PyTorch'], head_dim <= rule and build_wins)}", flush=True)
 
 
 def lm_head_lines(repeats: int):
     rule = lm_head.NATIVE_LM_HEAD_MAX_WIDTH
+    build_wins = native.faster_here("lmhead", native.load_library("lmhead"))
     for vocab in (50257, 4000):
         for width in (64, 128, 192, 256):
             torch.manual_seed(0)
@@ -74,7 +80,7 @@ def lm_head_lines(repeats: int):
             lm_head.NATIVE_LM_HEAD_MAX_WIDTH = rule
             print(f"lmhead.c     width {width:3d} vocab {vocab:5d}: C {1000 * t['C']:7.1f} ms  PyTorch "
                   f"{1000 * t['PyTorch']:7.1f} ms  speed-up {t['PyTorch'] / t['C']:4.2f}x  "
-                  f"{verdict(t['C'], t['PyTorch'], width <= rule)}", flush=True)
+                  f"{verdict(t['C'], t['PyTorch'], width <= rule and build_wins)}", flush=True)
 
 
 def main():
@@ -84,6 +90,11 @@ def main():
     print(f"{cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; rules: attention.c "
           f"up to head size {model_module.NATIVE_ATTENTION_MAX_HEAD_DIM}, lmhead.c up to width "
           f"{lm_head.NATIVE_LM_HEAD_MAX_WIDTH}", flush=True)
+    for name in ("attention", "lmhead"):
+        library = native.load_library(name)
+        vectors = f", {native.vector_floats(library)}-float vectors" if name == "lmhead" else ""
+        print(f"{name}.c built with {' '.join(library.tinylm_build)}{vectors}: "
+              f"{'runs' if native.faster_here(name, library) else 'does not run'} in training here", flush=True)
     attention_lines(args.repeats)
     lm_head_lines(args.repeats)
 

@@ -15,7 +15,8 @@ from helpers import ROOT
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 BUILD = ("import json\nfrom tinylm.kernels import native\n"
-         "print(json.dumps({name: native.load_library(name).tinylm_build for name in native.SOURCES}))\n")
+         "print(json.dumps({name: [native.load_library(name).tinylm_clang, *native.load_library(name).tinylm_build]\n"
+         "                  for name in native.SOURCES}))\n")
 
 
 @pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])
@@ -28,8 +29,9 @@ def test_the_c_files_build_and_match_pytorch(compiler, march, tmp_path):
     env = {**os.environ, "CC": compiler, "TINYLM_MARCH": march, "TINYLM_CACHE": str(tmp_path), "OMP_NUM_THREADS": "2"}
     built = subprocess.run([sys.executable, "-c", BUILD], cwd=ROOT, env=env, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
-    for name, flags in json.loads(built.stdout).items():  # this compiler at this level (OpenMP where it links)
+    for name, (clang, *flags) in json.loads(built.stdout).items():  # this compiler at this level (OpenMP where it links)
         assert flags[0] == compiler and f"-march={march}" in flags, (name, flags)
+        assert clang == (compiler == "clang")  # known by its version, not its name: faster_here's rule reads it
     # every test of test_native.py but the one that times builds into a cache of its own (the session's cache of
     # conftest.py, fresh: built again with this compiler and level)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not cached_per_machine",

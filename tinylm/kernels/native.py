@@ -76,6 +76,7 @@ def build_library(name: str = "decode") -> tuple[ctypes.CDLL | None, str | None]
         library, errors = cached_build(cc, flags, source)
         if library is not None:
             library.tinylm_build = [os.path.basename(cc), *flags]  # what it was built with, for tests and reports
+            library.tinylm_clang = b"clang" in toolchain(cc).split(b"\0")[1]  # `cc` may be either compiler
             return declare(library), None
     return None, f"compiling {source} with {cc} failed:\n{errors}"
 
@@ -178,11 +179,15 @@ def trains_natively(name: str, *tensors) -> bool:
 def faster_here(name: str, library: ctypes.CDLL) -> bool:
     """Whether this build of a training kernel (attention.c, lmhead.c) beats PyTorch's operations, by what it was
     built with. bench/bench_thresholds.py on a 2-core Xeon, the C files built each way (docs/speed.md):
-    - built without OpenMP it runs on one core and lost to PyTorch's two threads at every size (attention.c
-      0.52-0.88x, lmhead.c 0.44-0.54x; clang without libomp), so it runs only where PyTorch has one thread;
+    - built by clang they lost at the sizes gcc's builds win at (attention.c 0.60-0.66x at head sizes 4 and 8,
+      lmhead.c 0.80x at vocab 4000; with OpenMP), so only gcc's builds run;
+    - built without OpenMP they run on one core and lost to PyTorch's two threads at every size (0.44-0.88x), so
+      they run only where PyTorch has one thread;
     - lmhead.c's tiles want AVX-512's 32 registers: built for AVX2 (x86-64-v3) it ran at 0.41-0.52x PyTorch's
       speed (PyTorch kept to AVX2 too), so it runs only in builds with 16-float vectors.
     attention.c held its size rule at both levels (1.15-1.38x at head sizes 4 and 8 with AVX2)."""
+    if getattr(library, "tinylm_clang", False):
+        return False
     if "-fopenmp" not in getattr(library, "tinylm_build", ["-fopenmp"]) and torch.get_num_threads() > 1:
         return False
     return name != "lmhead" or vector_floats(library) >= 16
