@@ -85,8 +85,10 @@ def train_config(tmp_path, **train):
     data = tmp_path / "stories.txt"
     if not data.exists():
         write_txt(data, make_stories(300))
+    # dtype float32 unless asked: train.dtype = auto times both precisions on this machine, and a test's result must
+    # not hang on which one a busy machine's timing picked (two runs compared could differ)
     settings = {**dict(batch_size=8, max_steps=30, eval_interval=10, eval_tokens=2000, warmup_steps=5, lr=3e-3,
-                       out_dir=str(tmp_path / "out")), **train}
+                       dtype="float32", out_dir=str(tmp_path / "out")), **train}
     text = ("[model]\nvocab_size = 400\nn_layer = 2\nn_head = 2\nn_embd = 32\nmax_position_embeddings = 64\n"
             "window_size = 8\n[data]\ndataset = {data}\nval_fraction = 0.1\nblock_size = 32\ncache_dir = {cache}\n"
             "[train]\n").format(data=data, cache=tmp_path / "cache")

@@ -147,7 +147,7 @@ def test_auto_dtype_trains_in_the_precision_measured_faster(tmp_path, monkeypatc
         "float32": 1.0, "bfloat16": 1.0 / bf16_speed})
     seen = []
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: seen.append(k["enabled"]) or torch.amp.autocast(*a, **k))
-    assert train_main(["--config", train_config(tmp_path, max_steps=2, device="cpu")]) == 0
+    assert train_main(["--config", train_config(tmp_path, max_steps=2, device="cpu", dtype="auto")]) == 0
     out = capsys.readouterr().out
     said = {1.5: "bf16 mixed precision (train.dtype = auto: bf16 mixed precision trains this model at 1.50x fp32's "
                  "speed on this CPU (avx512_bf16), measured now, remembered in ",

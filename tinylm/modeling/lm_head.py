@@ -11,7 +11,8 @@ import torch
 # multiples of 64 up to this, where it beats the blocked PyTorch path. bench/bench_thresholds.py, fwd + bwd of 4096
 # tokens (Xeon with AMX, 2 runs): 1.22-1.26x at width 64 and vocab 50257, 1.06-1.21x at vocab 4000; at 128 a tie
 # with vocab 50257 (0.95-1.01x) and 0.82x with vocab 4000 (the quickstart's shape: its fp32 step 1.08-1.10x faster
-# without it), 0.7-0.8x at 192 and 256. Earlier measurements had 1.1-1.2x at 128; 0 turns it off
+# without it), 0.7-0.8x at 192 and 256. Earlier measurements had 1.1-1.2x at 128; 0 turns it off. Which builds
+# run it at all (gcc, OpenMP, AVX-512's 16-float vectors): native.faster_here
 NATIVE_LM_HEAD_MAX_WIDTH = 64
 
 
