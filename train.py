@@ -270,9 +270,9 @@ def set_up(args, config: dict, notes: list[str], rank: int, world: int, device) 
 
 
 def run_precision(name: str, device, model, batch_size: int, block_size: int, rank: int, world: int, log):
-    """pick_precision's (precision, why); with several processes rank 0 measures and every rank takes its answer
-    (ranks that measured apart could train in different precisions)."""
-    if world == 1:
+    """pick_precision's (precision, why); with several processes on CPUs rank 0 measures and every rank takes its
+    answer (ranks that measured apart could train in different precisions)."""
+    if world == 1 or device.type != "cpu":  # elsewhere nothing is measured: every rank comes to the same answer
         return pick_precision(name, device, model, batch_size, block_size, say=log)
     answer = [pick_precision(name, device, model, batch_size, block_size, say=log) if rank == 0 else None]
     dist.broadcast_object_list(answer, src=0)

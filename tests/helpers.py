@@ -3,6 +3,7 @@ mask, and a small training config. A plain module (tests/ is on sys.path through
 
 import os
 import random
+import signal
 
 import torch
 from transformers import GPTNeoConfig as HFConfig
@@ -96,6 +97,13 @@ def train_config(tmp_path, **train):
     path = tmp_path / "x.config"
     path.write_text(text)
     return str(path)
+
+
+def ctrl_c_reaches_it():
+    """preexec_fn for a child process a test sends SIGINT: Ctrl-C's default, as in a terminal's foreground job. A
+    suite started in the background (`cmd &`, nohup, some CI runners) has SIGINT ignored, its children inherit
+    that, and Python then installs no KeyboardInterrupt for them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class FakeClock:

@@ -17,7 +17,7 @@ from transformers import GPTNeoConfig as HFConfig
 from transformers import GPTNeoForCausalLM
 
 from helpers import ROOT
-from helpers import sharpen_
+from helpers import ctrl_c_reaches_it, sharpen_
 from tinylm.evaluation.scoring import token_view
 from tinylm.modeling.generation import GenerationMixin
 from tinylm.serving.playground import make_server
@@ -193,7 +193,7 @@ def test_score_colours_each_token_by_its_loss_and_gives_bits_per_byte(server):
 def test_serve_prints_its_address_warns_when_opened_wider_and_stops_on_ctrl_c(model_folder):
     cmd = [sys.executable, "inference.py", "--serve", "--port", "0", "--host", "0.0.0.0", "--model", model_folder]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=ctrl_c_reaches_it)
     try:
         line = proc.stdout.readline()
         assert line.startswith("# TinyLM playground: http://127.0.0.1:"), line + proc.stderr.read()
@@ -243,7 +243,7 @@ def test_ctrl_c_mid_story_ends_the_stream_with_a_last_event_and_exits_0(tmp_path
     sharpen_(GPTNeoForCausalLM(config)).save_pretrained(tmp_path)
     cmd = [sys.executable, "-c", SLOW_SERVER, "--serve", "--port", "0", "--model", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=ctrl_c_reaches_it)
     try:
         line = proc.stdout.readline()
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
