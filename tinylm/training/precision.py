@@ -59,14 +59,14 @@ def pick_precision(name: str, device: torch.device, model=None, batch_size: int 
         say(f"# train.dtype = auto: timing {rows} x {block_size} tokens in fp32 and in bf16 on this CPU ({support}), "
             "once per machine and model shape")
         seconds = (measure or step_seconds)(model, rows, block_size, clock=clock)
-        entry = {"float32": seconds["float32"], "bfloat16": seconds["bfloat16"], "what": described,
+        entry = {"float32": float(seconds["float32"]), "bfloat16": float(seconds["bfloat16"]), "what": described,
                  "date": datetime.date.today().isoformat()}
         remembered[key] = entry
         if not write_measurements(path, remembered):
             when = "measured now (the cache folder is not writable: measured again next run)"
     else:
         when = f"measured {entry.get('date', 'earlier')}, remembered in {path}"
-    speedup = entry["float32"] / entry["bfloat16"]
+    speedup = entry["float32"] / max(entry["bfloat16"], 1e-9)
     precision = "bfloat16" if speedup >= BF16_MARGIN else "float32"
     return precision, f"bf16 mixed precision trains this model at {speedup:.2f}x fp32's speed on this CPU " \
         f"({support}), {when}"
