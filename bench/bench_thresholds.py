@@ -57,7 +57,8 @@ def attention_lines(repeats: int):
         t = interleaved_medians({"C": step(10 ** 6), "PyTorch": step(0)}, repeats)
         model_module.NATIVE_ATTENTION_MAX_HEAD_DIM = rule
         print(f"attention.c  head size {head_dim:3d}: C {1000 * t['C']:7.1f} ms  PyTorch {1000 * t['PyTorch']:7.1f} ms  "
-              f"speed-up {t['PyTorch'] / t['C']:4.2f}x  {verdict(t['C'], t['PyTorch'], head_dim <= rule and build_wins)}", flush=True)
+              f"speed-up {t['PyTorch'] / t['C']:4.2f}x  "
+              f"{verdict(t['C'], t['PyTorch'], head_dim <= rule and build_wins)}", flush=True)
 
 
 def lm_head_lines(repeats: int):

@@ -3,7 +3,8 @@
 # the CPU and its flags, what train.dtype = auto measures and takes against both precisions (3 runs, each measuring
 # afresh), whether the C training kernels' rules pick the faster side, and, given TinyStories text, the 5-minute
 # quickstart's test bits per byte (bench/bench_recipe.py; it reads ../shared/data or --data's files).
-#   bash bench/machine_report.sh [--recipe] [--data 'path/to/tinystories_train_*.txt']   (about 12 min, 18 with --recipe)
+#   bash bench/machine_report.sh [--recipe] [--data 'path/to/tinystories_train_*.txt']
+# (about 12 minutes; 18 with --recipe)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

@@ -29,7 +29,8 @@ def test_the_c_files_build_and_match_pytorch(compiler, march, tmp_path):
     env = {**os.environ, "CC": compiler, "TINYLM_MARCH": march, "TINYLM_CACHE": str(tmp_path), "OMP_NUM_THREADS": "2"}
     built = subprocess.run([sys.executable, "-c", BUILD], cwd=ROOT, env=env, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
-    for name, (clang, *flags) in json.loads(built.stdout).items():  # this compiler at this level (OpenMP where it links)
+    # this compiler at this level (OpenMP where it links)
+    for name, (clang, *flags) in json.loads(built.stdout).items():
         assert flags[0] == compiler and f"-march={march}" in flags, (name, flags)
         assert clang == (compiler == "clang")  # known by its version, not its name: faster_here's rule reads it
     # every test of test_native.py but the one that times builds into a cache of its own (the session's cache of

@@ -205,7 +205,8 @@ void tinylm_lm_head_backward(const float *h, const float *w, const float *wt, co
                         for (int r = 0; r < TILE_ROWS; r++) {
                             const float *hrow = hr + (size_t)r * C + c;
                             float p0 = buf[r * BLOCK + j], p1 = two ? buf[r * BLOCK + j + 1] : 0.f;
-                            vf h0 = loadv(hrow), h1 = loadv(hrow + VEC), h2 = loadv(hrow + 2 * VEC), h3 = loadv(hrow + 3 * VEC);
+                            vf h0 = loadv(hrow), h1 = loadv(hrow + VEC), h2 = loadv(hrow + 2 * VEC),
+                               h3 = loadv(hrow + 3 * VEC);
                             a[0][0] += p0 * h0, a[0][1] += p0 * h1, a[0][2] += p0 * h2, a[0][3] += p0 * h3;
                             a[1][0] += p1 * h0, a[1][1] += p1 * h1, a[1][2] += p1 * h2, a[1][3] += p1 * h3;
                         }

@@ -108,7 +108,8 @@ def measurement_key(model, rows: int, block_size: int) -> tuple[str, str]:
             cpu = "".join(line for line in f.read().split("\n\n")[0].splitlines(keepends=True)
                           if line.startswith(("model name", "flags", "Features")))
     shape = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.config).items()
-                     if k not in ("bos_token_id", "eos_token_id", "max_position_embeddings")) + f" batch={rows}x{block_size}"
+                     if k not in ("bos_token_id", "eos_token_id", "max_position_embeddings"))
+    shape += f" batch={rows}x{block_size}"
     environment = " ".join(f"{name}={os.environ[name]}" for name in ENVIRONMENT if os.environ.get(name))
     described = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {shape}" + \
         (f", {environment}" if environment else "")
