@@ -39,6 +39,28 @@ def verdict(native_ms: float, torch_ms: float, rule_picks_native: bool) -> str:
     return f"rule: {'C' if rule_picks_native else 'PyTorch'}  {'ok' if ok else 'WRONG SIDE'}"
 
 
+def c_against_pytorch(module, limit_name: str, run, repeats: int) -> dict:
+    """Median seconds of run() with module.LIMIT_NAME lifted (the C kernel runs) and at 0 (PyTorch runs), taking
+    turns; the limit is put back afterwards."""
+    rule = getattr(module, limit_name)
+
+    def side(limit):
+        def timed():
+            setattr(module, limit_name, limit)
+            run()
+        return timed
+    try:
+        return interleaved_medians({"C": side(10 ** 6), "PyTorch": side(0)}, repeats)
+    finally:
+        setattr(module, limit_name, rule)
+
+
+def result(t: dict, rule_picks_native: bool) -> str:
+    """The two sides' times, C's speed-up and the verdict on the rule, for one line."""
+    return (f"C {1000 * t['C']:7.1f} ms  PyTorch {1000 * t['PyTorch']:7.1f} ms  "
+            f"speed-up {t['PyTorch'] / t['C']:4.2f}x  {verdict(t['C'], t['PyTorch'], rule_picks_native)}")
+
+
 def attention_lines(repeats: int):
     rule = model_module.NATIVE_ATTENTION_MAX_HEAD_DIM
     build_wins = native.faster_here("attention", native.load_library("attention"))
@@ -48,17 +70,11 @@ def attention_lines(repeats: int):
                                   n_embd=128, window_size=256))
         x = torch.randint(0, 4000, (8, 512))
 
-        def step(limit):
-            def run():
-                model_module.NATIVE_ATTENTION_MAX_HEAD_DIM = limit
-                net.zero_grad(set_to_none=True)
-                net(x, x)[1].backward()
-            return run
-        t = interleaved_medians({"C": step(10 ** 6), "PyTorch": step(0)}, repeats)
-        model_module.NATIVE_ATTENTION_MAX_HEAD_DIM = rule
-        print(f"attention.c  head size {head_dim:3d}: C {1000 * t['C']:7.1f} ms  PyTorch {1000 * t['PyTorch']:7.1f} ms  "
-              f"speed-up {t['PyTorch'] / t['C']:4.2f}x  "
-              f"{verdict(t['C'], t['PyTorch'], head_dim <= rule and build_wins)}", flush=True)
+        def step():
+            net.zero_grad(set_to_none=True)
+            net(x, x)[1].backward()
+        t = c_against_pytorch(model_module, "NATIVE_ATTENTION_MAX_HEAD_DIM", step, repeats)
+        print(f"attention.c  head size {head_dim:3d}: {result(t, head_dim <= rule and build_wins)}", flush=True)
 
 
 def lm_head_lines(repeats: int):
@@ -71,17 +87,12 @@ def lm_head_lines(repeats: int):
             weight = (0.02 * torch.randn(vocab, width)).requires_grad_()
             targets = torch.randint(0, vocab, (4096,))
 
-            def step(limit):
-                def run():
-                    lm_head.NATIVE_LM_HEAD_MAX_WIDTH = limit
-                    h.grad = weight.grad = None
-                    lm_head.lm_head_cross_entropy(h, weight, targets).backward()
-                return run
-            t = interleaved_medians({"C": step(10 ** 6), "PyTorch": step(0)}, repeats)
-            lm_head.NATIVE_LM_HEAD_MAX_WIDTH = rule
-            print(f"lmhead.c     width {width:3d} vocab {vocab:5d}: C {1000 * t['C']:7.1f} ms  PyTorch "
-                  f"{1000 * t['PyTorch']:7.1f} ms  speed-up {t['PyTorch'] / t['C']:4.2f}x  "
-                  f"{verdict(t['C'], t['PyTorch'], width <= rule and build_wins)}", flush=True)
+            def step():
+                h.grad = weight.grad = None
+                lm_head.lm_head_cross_entropy(h, weight, targets).backward()
+            t = c_against_pytorch(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", step, repeats)
+            print(f"lmhead.c     width {width:3d} vocab {vocab:5d}: {result(t, width <= rule and build_wins)}",
+                  flush=True)
 
 
 def main():
