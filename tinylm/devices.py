@@ -49,9 +49,9 @@ def cpu_bf16_support() -> str | None:
         return None
 
 
-def cpu_description() -> str:
-    """The CPU's model and the features TinyLM's speed depends on, for benchmark headers: "Intel(R) Xeon(R)
-    Processor (AMX, avx512_bf16, AVX-512, AVX2)"."""
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """(the CPU's model name, all its feature flags) from /proc/cpuinfo's first processor; elsewhere (macOS,
+    Windows) what platform says, and no flags."""
     name, flags = platform.processor() or platform.machine(), []
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:  # the first processor's block: "key<tabs>: value" lines
@@ -59,6 +59,13 @@ def cpu_description() -> str:
                       (line.partition(":") for line in f.read().split("\n\n")[0].splitlines())}
         name = fields.get("model name", name)
         flags = (fields.get("flags") or fields.get("Features") or "").split()
+    return name, flags
+
+
+def cpu_description() -> str:
+    """The CPU's model and the features TinyLM's speed depends on, for benchmark headers: "Intel(R) Xeon(R)
+    Processor (AMX, avx512_bf16, AVX-512, AVX2)"."""
+    name, flags = cpu_model_and_flags()
     features = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "avx512_bf16"), ("avx512f", "AVX-512"),
                                           ("avx2", "AVX2"), ("asimd", "NEON"), ("bf16", "bf16")) if flag in flags]
     return f"{name} ({', '.join(features) or 'none of AMX, avx512_bf16, AVX-512, AVX2'})"

@@ -186,9 +186,9 @@ def faster_here(name: str, library: ctypes.CDLL) -> bool:
     - lmhead.c's tiles want AVX-512's 32 registers: built for AVX2 (x86-64-v3) it ran at 0.41-0.52x PyTorch's
       speed (PyTorch kept to AVX2 too), so it runs only in builds with 16-float vectors.
     attention.c held its size rule at both levels (1.15-1.38x at head sizes 4 and 8 with AVX2)."""
-    if getattr(library, "tinylm_clang", False):
+    if library.tinylm_clang:
         return False
-    if "-fopenmp" not in getattr(library, "tinylm_build", ["-fopenmp"]) and torch.get_num_threads() > 1:
+    if "-fopenmp" not in library.tinylm_build and torch.get_num_threads() > 1:
         return False
     return name != "lmhead" or vector_floats(library) >= 16
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tinylm.devices import cpu_bf16_support
+from tinylm.devices import cpu_bf16_support, cpu_model_and_flags
 from tinylm.kernels.native import cache_folder
 
 # bf16 must beat fp32 by this much to be taken: on a tie fp32, the exact one, trains
@@ -102,18 +102,14 @@ def measurement_key(model, rows: int, block_size: int) -> tuple[str, str]:
     """(a short hash, the readable text it hashes) of what the measurement depends on: the CPU (model name and
     flags), PyTorch's version and threads, the instruction-set caps in the environment, the model's shape and
     the batch timed."""
-    cpu = ""
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(line for line in f.read().split("\n\n")[0].splitlines(keepends=True)
-                          if line.startswith(("model name", "flags", "Features")))
+    name, flags = cpu_model_and_flags()
     shape = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.config).items()
                      if k not in ("bos_token_id", "eos_token_id", "max_position_embeddings"))
     shape += f" batch={rows}x{block_size}"
     environment = " ".join(f"{name}={os.environ[name]}" for name in ENVIRONMENT if os.environ.get(name))
     described = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {shape}" + \
         (f", {environment}" if environment else "")
-    text = "\0".join([platform.machine(), cpu, described])
+    text = "\0".join([platform.machine(), name, " ".join(flags), described])
     return hashlib.sha256(text.encode()).hexdigest()[:16], described
 
 
