@@ -71,6 +71,15 @@ def make_hf(shape: str, seed: int = 0) -> GPTNeoForCausalLM:
     return sharpen_(GPTNeoForCausalLM(config), seed).eval()
 
 
+def small_gpt_neo(context: int, window: int, seed: int = 0) -> GPTNeoForCausalLM:
+    """A sharp random GPT-Neo with GPT-Neo's full vocabulary (so its tokenizer applies, no tokenizer files needed):
+    2 layers, global then local (`window` keys), 4 heads, 32 wide, `context` positions."""
+    config = HFConfig(vocab_size=50257, max_position_embeddings=context, hidden_size=32, num_layers=2, num_heads=4,
+                      window_size=window, attention_types=[[["global", "local"], 1]])
+    torch.manual_seed(seed)
+    return sharpen_(GPTNeoForCausalLM(config)).eval()
+
+
 def assert_logits_close(ours, ref):
     torch.testing.assert_close(ours, ref.to(ours.device, ours.dtype), rtol=FP32_TOLERANCE,
                                atol=FP32_TOLERANCE * ref.abs().max().item())

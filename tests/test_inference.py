@@ -12,7 +12,7 @@ from transformers import GPTNeoForCausalLM
 
 from conftest import DEVICE, hub_cache_snapshot
 from helpers import ROOT
-from helpers import sharpen_
+from helpers import sharpen_, small_gpt_neo
 from inference import encode_prompt
 from model import GPTNeo, GPTNeoConfig
 from tinylm.checkpoint import newest_model
@@ -126,10 +126,7 @@ def test_cli_rejects_bad_requests(tmp_path):
 
 def test_eval_file_matches_transformers_loss(tmp_path):
     import math
-    config = HFConfig(vocab_size=50257, max_position_embeddings=128, hidden_size=32, num_layers=2, num_heads=4,
-                      window_size=16, attention_types=[[["global", "local"], 1]])
-    torch.manual_seed(1)
-    hf = sharpen_(GPTNeoForCausalLM(config)).eval()
+    hf = small_gpt_neo(context=128, window=16, seed=1)
     hf.save_pretrained(tmp_path / "m")
     stories = ["Once upon a time, a cat sat.", "Tom ran to the park! 🙂", "The end."]
     (tmp_path / "eval.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")

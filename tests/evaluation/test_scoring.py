@@ -4,19 +4,14 @@ import math
 
 import pytest
 import torch
-from transformers import GPTNeoConfig as HFConfig
-from transformers import GPTNeoForCausalLM
 
-from helpers import sharpen_
+from helpers import small_gpt_neo
 from model import GPTNeo
 from tinylm.evaluation.scoring import continuation_logprobs
 
 
 def test_continuation_logprobs_match_transformers_summed_over_the_continuation(tmp_path, full):
-    config = HFConfig(vocab_size=50257, max_position_embeddings=40, hidden_size=32, num_layers=2, num_heads=4,
-                      window_size=7, attention_types=[[["global", "local"], 1]])
-    torch.manual_seed(0)
-    hf = sharpen_(GPTNeoForCausalLM(config)).eval()
+    hf = small_gpt_neo(context=40, window=7)
     hf.save_pretrained(tmp_path)
     ours = GPTNeo.from_pretrained(str(tmp_path))
     long_context = "Once upon a time there was a girl named Lily who loved to play in the big green park. " * 3

@@ -5,10 +5,8 @@ import time
 
 import pytest
 import torch
-from transformers import GPTNeoConfig as HFConfig
-from transformers import GPTNeoForCausalLM
 
-from helpers import make_stories, sharpen_, write_txt
+from helpers import make_stories, small_gpt_neo, write_txt
 from tinylm.data.tokenizer import gpt_neo_tokenizer
 from test_playground import request, serving
 
@@ -16,11 +14,8 @@ from test_playground import request, serving
 @pytest.fixture(scope="module")
 def local_and_global(tmp_path_factory):
     """A saved GPT-Neo with a global and a local layer (window 6), and transformers' copy of it."""
-    config = HFConfig(vocab_size=50257, max_position_embeddings=64, hidden_size=32, num_layers=2, num_heads=4,
-                      window_size=6, attention_types=[[["global", "local"], 1]])
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("inside_model")
-    hf = sharpen_(GPTNeoForCausalLM(config)).eval()
+    hf = small_gpt_neo(context=64, window=6)
     hf.save_pretrained(folder)
     stories = write_txt(folder / "held_out.txt", make_stories(30, 3))
     return str(folder), hf, stories

@@ -13,11 +13,9 @@ import time
 
 import pytest
 import torch
-from transformers import GPTNeoConfig as HFConfig
-from transformers import GPTNeoForCausalLM
 
 from helpers import ROOT
-from helpers import ctrl_c_reaches_it, sharpen_
+from helpers import ctrl_c_reaches_it, small_gpt_neo
 from tinylm.evaluation.scoring import token_view
 from tinylm.modeling.generation import GenerationMixin
 from tinylm.serving.playground import make_server
@@ -27,11 +25,8 @@ from tinylm.serving.playground import make_server
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A small GPT-Neo folder with random weights and no tokenizer files (GPT-Neo's tokenizer applies)."""
-    config = HFConfig(vocab_size=50257, max_position_embeddings=128, hidden_size=32, num_layers=2, num_heads=4,
-                      window_size=16, attention_types=[[["global", "local"], 1]])
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("playground_model")
-    sharpen_(GPTNeoForCausalLM(config)).save_pretrained(folder)
+    small_gpt_neo(context=128, window=16).save_pretrained(folder)
     return str(folder)
 
 
@@ -237,10 +232,7 @@ def next_event(response) -> dict:
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_ctrl_c_mid_story_ends_the_stream_with_a_last_event_and_exits_0(tmp_path, stop):
-    config = HFConfig(vocab_size=50257, max_position_embeddings=1024, hidden_size=32, num_layers=2, num_heads=4,
-                      window_size=16, attention_types=[[["global", "local"], 1]])
-    torch.manual_seed(0)
-    sharpen_(GPTNeoForCausalLM(config)).save_pretrained(tmp_path)
+    small_gpt_neo(context=1024, window=16).save_pretrained(tmp_path)
     cmd = [sys.executable, "-c", SLOW_SERVER, "--serve", "--port", "0", "--model", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=ctrl_c_reaches_it)
