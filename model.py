@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tinylm.hub import resolve_pretrained
 from tinylm.modeling.generation import GenerationMixin, KVCache
 from tinylm.modeling.hf_weights import hf_to_tinylm_state_dict, read_config, read_weights, write_pretrained
-from tinylm.modeling.lm_head import lm_head_cross_entropy
+from tinylm.modeling.lm_head import lm_head_cross_entropy, native_lm_head_runs
 
 ATTENTION_TYPES = ("global", "local", "mixed")
 CPU_QUERY_CHUNK = 64  # see SelfAttention._attend
@@ -30,6 +30,8 @@ CPU_QUERY_CHUNK = 64  # see SelfAttention._attend
 # at 8, 1.00-1.06x at 16, where whole training steps of TinyStories-8M and the quickstart came out 0.92-1.07x);
 # 0 turns it off
 NATIVE_ATTENTION_MAX_HEAD_DIM = 8
+# the C training kernels: attention.c (above) and lmhead.c (lm_head.NATIVE_LM_HEAD_MAX_WIDTH)
+C_KERNELS = ("attention", "lmhead")
 
 
 @dataclass
@@ -184,6 +186,7 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
         self.attention_dropout = config.attention_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.c_kernel = True  # attention.c where native_attention_runs; GPTNeo.allow_c_kernels sets it
 
     def forward(self, x, masks, kv_cache: KVCache | None = None):
         B, T, C = x.size()
@@ -217,7 +220,7 @@ class SelfAttention(nn.Module):
                 return self._attend(q.float(), k.float(), v.float(), start, masks, local)
         T, S = q.size(2), k.size(2)
         dropout = self.attention_dropout if self.training else 0.0
-        if T == S > 1 and start == 0 and not dropout and native_attention_runs(q):
+        if T == S > 1 and start == 0 and not dropout and self.c_kernel and native_attention_runs(q):
             from tinylm.kernels.native import native_attention
 
             return native_attention(q, k, v, self.window_size if local else 0)
@@ -297,6 +300,7 @@ class GPTNeo(GenerationMixin, nn.Module):  # generate(): generation.py
         self.register_buffer("causal_mask", causal, persistent=False)
         self.register_buffer("band_mask", causal & ~causal.tril(-config.window_size), persistent=False)
         self.apply(self._init_weights)
+        self.allow_c_kernels(C_KERNELS)
 
     @staticmethod
     def _init_weights(module):
@@ -308,6 +312,21 @@ class GPTNeo(GenerationMixin, nn.Module):  # generate(): generation.py
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def allow_c_kernels(self, kernels=C_KERNELS):
+        """Which C kernels fp32 training on CPU may run where their size and build rules take this model: both by
+        default; train.dtype = auto leaves out one it measured slower on this machine (training/precision.py)."""
+        self.allowed_c_kernels = tuple(k for k in C_KERNELS if k in kernels)
+        for block in self.h:
+            block.attn.c_kernel = "attention" in kernels
+
+    def c_kernels(self) -> list[str]:
+        """The C kernels that fp32 training of this model on its device runs: those allowed whose rules take it."""
+        device, hd = self.wte.weight.device, self.config.n_embd // self.config.n_head
+        takes = {"attention": lambda: native_attention_runs(torch.empty(1, 1, 2, hd, device=device)),
+                 "lmhead": lambda: native_lm_head_runs(torch.empty(2, self.config.n_embd, device=device),
+                                                       self.wte.weight)}
+        return [k for k in self.allowed_c_kernels if takes[k]()]
 
     def hidden_states(self, idx, kv_cache: KVCache | None = None):
         """Final-LayerNorm output (B, T, C) for token ids idx (B, T), continuing kv_cache if given."""
@@ -335,7 +354,8 @@ class GPTNeo(GenerationMixin, nn.Module):  # generate(): generation.py
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
             return F.linear(x, self.wte.weight), None  # LM head tied to wte
-        return None, lm_head_cross_entropy(x.flatten(0, 1), self.wte.weight, targets.flatten())
+        return None, lm_head_cross_entropy(x.flatten(0, 1), self.wte.weight, targets.flatten(),
+                                           c_kernel="lmhead" in self.allowed_c_kernels)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPTNeo":

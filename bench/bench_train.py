@@ -6,8 +6,8 @@
 
 Both models start from the same weights and run the same loop (batch from the token stream, forward, loss,
 backward, grad-norm clip, AdamW step), taking turns step by step; with several --dtype, every model runs in each
-(auto: what train.py picks for that model here, measured at its shapes on a CPU with bf16 instructions, and a line
-says so) and a line per dtype gives its speed against the first; with auto, float32 and bfloat16 all given, a last
+(auto: what train.py picks for that model here, measured at its shapes on a CPU, and a line says so; a line of its
+own where it leaves a C kernel out) and a line per dtype gives its speed against the first; with auto, float32 and bfloat16 all given, a last
 line says what auto took and how fast that is against the faster of the two. The
 header names the CPU and the features its speed depends on (AMX, avx512_bf16, AVX-512, AVX2). MFU = model FLOPs per
 second / the matmul FLOP/s this machine reaches in the dtype that runs the matmuls (a large matmul, measured here;
@@ -138,17 +138,22 @@ def main():
         ours = ours.to(device)
         stream = np.random.default_rng(0).integers(0, config.vocab_size, 1_000_000).astype(np.int64)
         flops = flops_per_token(ours, args.block_size)
-        auto, why = pick_precision("auto", device, ours, args.batch_size, args.block_size)
+        auto, kernels_off, why = pick_precision("auto", device, ours, args.batch_size, args.block_size)
         if "auto" in args.dtype:
             print(f"{name:15s} train.dtype = auto takes {auto}: {why}")
-        dtypes = list(dict.fromkeys(auto if d == "auto" else d for d in args.dtype))
+        # auto is a line of its own where it left a C kernel out (its precision's line runs them all)
+        auto_way = "auto" if kernels_off and auto == "float32" else auto
+        dtypes = list(dict.fromkeys(auto_way if d == "auto" else d for d in args.dtype))
+        precision_of = {d: auto if d == "auto" else d for d in dtypes}
         compiled = torch.compile if args.compile else (lambda m: m)
         fns = {}
         for dtype in dtypes:  # each model a copy per dtype: their optimizers step apart
             mine = copy.deepcopy(ours)
+            if dtype == "auto":
+                mine.allow_c_kernels([k for k in mine.allowed_c_kernels if k not in kernels_off])
             fns[("ours", dtype)] = train_step_fn(mine, lambda m, x, y, c=compiled(mine): c(x, y)[1], stream, args,
-                                                 device, dtype)
-            for attn, hf in hfs.items():
+                                                 device, precision_of[dtype])
+            for attn, hf in hfs.items() if dtype != "auto" else ():
                 theirs = copy.deepcopy(hf)
                 fns[(attn, dtype)] = train_step_fn(theirs, lambda m, x, y, c=compiled(theirs): hf_loss(c, x, y),
                                                    stream, args, device, dtype)
@@ -161,8 +166,8 @@ def main():
                 if d == dtype:
                     label = "ours" if who == "ours" else f"transformers[{who}]"
                     line.append(f"{label} {tokens_per_step / seconds:7.0f} tok/s MFU "
-                                f"{100 * flops * tokens_per_step / seconds / peaks[dtype]:5.1f}%")
-            ratios = [f"{t[(a, dtype)] / t[('ours', dtype)]:.2f}x vs {a}" for a in hfs]
+                                f"{100 * flops * tokens_per_step / seconds / peaks[precision_of[dtype]]:5.1f}%")
+            ratios = [f"{t[(a, dtype)] / t[('ours', dtype)]:.2f}x vs {a}" for a in hfs if (a, dtype) in t]
             if dtype != dtypes[0]:
                 ratios.append(f"{t[('ours', dtypes[0])] / t[('ours', dtype)]:.2f}x vs ours {dtypes[0]}")
             memory = f"   peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (all models)" \
@@ -170,8 +175,9 @@ def main():
             print("   ".join(line) + (f"   ratio {', '.join(ratios)}" if ratios else "") + memory)
         if "auto" in args.dtype and {"float32", "bfloat16"} <= set(dtypes):
             faster = min(("float32", "bfloat16"), key=lambda d: t[("ours", d)])
-            print(f"{name:15s} auto = {auto}: {t[('ours', faster)] / t[('ours', auto)]:.2f}x the faster precision "
-                  f"here ({faster})")
+            without = f" without {', '.join(k + '.c' for k in kernels_off)}" if auto_way == "auto" else ""
+            print(f"{name:15s} auto = {auto}{without}: {t[('ours', faster)] / t[('ours', auto_way)]:.2f}x the "
+                  f"faster precision here ({faster})")
 
 
 if __name__ == "__main__":

@@ -143,18 +143,41 @@ def test_auto_dtype_trains_in_the_precision_measured_faster(tmp_path, monkeypatc
     from tinylm.training import precision
     monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "cpu_bf16_support", lambda: bf16_speed and "avx512_bf16")
-    monkeypatch.setattr(precision, "step_seconds", lambda model, rows, block_size, clock: {
+    monkeypatch.setattr(GPTNeo, "c_kernels", lambda self: [])  # this machine's C builds: another test's subject
+    monkeypatch.setattr(precision, "step_seconds", lambda model, rows, block_size, ways, clock: {
         "float32": 1.0, "bfloat16": 1.0 / bf16_speed})
     seen = []
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: seen.append(k["enabled"]) or torch.amp.autocast(*a, **k))
     assert train_main(["--config", train_config(tmp_path, max_steps=2, device="cpu", dtype="auto")]) == 0
     out = capsys.readouterr().out
     said = {1.5: "bf16 mixed precision (train.dtype = auto: bf16 mixed precision trains this model at 1.50x fp32's "
-                 "speed on this CPU (avx512_bf16), measured now, remembered in ",
+                 "speed on this CPU (avx512_bf16); measured now, remembered in ",
             0.78: "float32 (train.dtype = auto: bf16 mixed precision trains this model at 0.78x fp32's speed on this "
-                  "CPU (avx512_bf16), measured now, remembered in ",
+                  "CPU (avx512_bf16); measured now, remembered in ",
             None: "float32 (train.dtype = auto: this CPU has no bf16 instructions (AMX or avx512_bf16))"}[bf16_speed]
     assert said in out and seen[0] == (bf16_speed == 1.5)  # the first autocast is the training loop's
+
+
+def test_auto_trains_without_a_c_kernel_measured_slower_here(tmp_path, monkeypatch, capsys):
+    # attention.c's size rule takes head size 8, but on this (pretend) machine its build loses: auto leaves it out
+    from tinylm.kernels import native
+    from tinylm.training import precision
+    if native.build_library("attention")[0] is None:
+        pytest.skip("no C compiler: attention.c never runs here")
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: None)
+    monkeypatch.setattr(native, "faster_here", lambda name, library: True)  # whatever this build's own speed
+    monkeypatch.setattr(precision, "step_seconds", lambda model, rows, block_size, ways, clock: {
+        "float32": 1.0, "float32 without attention.c": 0.8})
+    calls, attention = [], native.native_attention
+    monkeypatch.setattr(native, "native_attention", lambda *a: calls.append(1) or attention(*a))
+    heads = ["--set", "model.n_head=4"]  # width 32: head size 8
+    assert train_main(["--config", train_config(tmp_path, max_steps=2, dtype="auto")] + heads) == 0
+    assert "float32 (train.dtype = auto: this CPU has no bf16 instructions (AMX or avx512_bf16); attention.c runs a " \
+        "fp32 step at 0.80x PyTorch's speed, so PyTorch runs it; measured now" in capsys.readouterr().out
+    assert calls == []
+    assert train_main(["--config", train_config(tmp_path, max_steps=2, out_dir=tmp_path / "fp32")] + heads) == 0
+    assert calls  # train.dtype = float32: the size rule's choice, unmeasured
 
 
 def test_wandb_needs_no_account(tmp_path, monkeypatch, capsys):

@@ -224,13 +224,20 @@ def test_a_model_trains_the_same_with_native_attention_and_without(monkeypatch):
 
     def loss_and_grads():
         return model_loss_and_grads(model, idx)
+    assert model.c_kernels() == ["attention"]  # width 16: no lmhead.c
     with_native = loss_and_grads()
     assert len(calls) == 4  # one global, one local, both kinds in the third layer
+    model.allow_c_kernels(["lmhead"])  # what train.dtype = auto does where attention.c measured slower
+    assert model.c_kernels() == []
+    left_out = loss_and_grads()
+    assert len(calls) == 4
+    model.allow_c_kernels()
     monkeypatch.setattr(model_module, "NATIVE_ATTENTION_MAX_HEAD_DIM", 0)
     without = loss_and_grads()
     assert len(calls) == 4
-    for a, b in zip(with_native, without):
+    for a, b, c in zip(with_native, without, left_out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
     monkeypatch.setattr(model_module, "NATIVE_ATTENTION_MAX_HEAD_DIM", 64)
     monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
     torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: scaled_dot_product_attention
@@ -273,12 +280,19 @@ def test_a_model_trains_the_same_with_the_native_lm_head_and_without(monkeypatch
 
     def loss_and_grads():
         return model_loss_and_grads(model, idx)
+    assert model.c_kernels() == ["lmhead"]  # head size 16: no attention.c
     with_native = loss_and_grads()
     assert len(calls) == 1
+    model.allow_c_kernels(["attention"])  # what train.dtype = auto does where lmhead.c measured slower
+    assert model.c_kernels() == []
+    left_out = loss_and_grads()
+    assert len(calls) == 1
+    model.allow_c_kernels()
     monkeypatch.setattr(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", 0)
     without = loss_and_grads()
-    for a, b in zip(with_native, without):
+    for a, b, c in zip(with_native, without, left_out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
     monkeypatch.setattr(lm_head, "NATIVE_LM_HEAD_MAX_WIDTH", 64)
     monkeypatch.setattr(native, "build_library", lambda name="decode": (None, "no C compiler"))
     torch.testing.assert_close(loss_and_grads()[0], without[0])  # no compiler: the blocked PyTorch path

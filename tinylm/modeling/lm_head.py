@@ -16,12 +16,14 @@ import torch
 NATIVE_LM_HEAD_MAX_WIDTH = 64
 
 
-def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_block: int | None = None):
+def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_block: int | None = None,
+                          c_kernel: bool = True):
     """cross_entropy(h @ weight.T, targets, ignore_index=-100) for h (N, C), without building (N, vocab).
 
     The logits exist only as blocks of `rows` tokens x `vocab_block` vocabulary entries. On CPU the blocks
     are cache-sized: with C this small (64-768) that runs 1.5-2x the FLOP/s of one (rows, vocab) matmul
-    (MKL, measured on a 2-core EPYC). Elsewhere one block spans the vocabulary, to launch fewer kernels."""
+    (MKL, measured on a 2-core EPYC). Elsewhere one block spans the vocabulary, to launch fewer kernels. c_kernel
+    False keeps training off lmhead.c where native_lm_head_runs would take it."""
     cpu, training = h.device.type == "cpu", torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     # under autocast (mixed-precision training) the matmuls run in its dtype; softmax and the loss stay fp32
     autocast = training and torch.is_autocast_enabled(h.device.type)
@@ -33,7 +35,7 @@ def lm_head_cross_entropy(h, weight, targets, rows: int | None = None, vocab_blo
     wide_low = low and h.size(1) >= 256
     rows = rows or ((2048 if wide_low else 512) if cpu else max(1, 2 ** 26 // weight.size(0)))
     vocab_block = vocab_block or ((1024 if wide_low else 2048) if cpu else weight.size(0))
-    if training and not low and native_lm_head_runs(h, weight):
+    if training and not low and c_kernel and native_lm_head_runs(h, weight):
         return _NativeLMHeadCrossEntropy.apply(h, weight, targets)
     if training:
         # Recompute each block's logits for the gradient pass (a third more matmul work) when keeping a row

@@ -76,8 +76,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # cpu, cuda, mps or auto; under torchrun each process takes cuda:LOCAL_RANK
     # "bfloat16": mixed precision, the matmuls in bf16 under autocast (weights, optimizer state, LayerNorm, softmax
-    # and loss stay fp32); "auto": bfloat16 on a GPU and on a CPU with bf16 instructions (AMX, avx512_bf16), else
-    # float32
+    # and loss stay fp32); "auto": bfloat16 on a GPU; on a CPU the fastest of fp32 (with or without each C kernel)
+    # and bf16, measured at the run's shapes once per machine (training/precision.py)
     dtype: str = "auto"
     compile: bool = False  # torch.compile the model for training
     log_interval: int = 10  # steps between progress lines when stderr is not a terminal (no progress bar)
