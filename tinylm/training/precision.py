@@ -67,8 +67,8 @@ def pick_precision(name: str, device: torch.device, model=None, batch_size: int 
     when = "measured now, remembered in " + path
     if not isinstance(entry, dict) or entry.get("c kernels") != kernels or \
             not all(isinstance(entry.get(way), float) for way in ways):
-        say(f"# train.dtype = auto: timing {rows} x {block_size} tokens " + ", ".join(ways) +
-            " on this CPU, once per machine and model shape")
+        say(f"# train.dtype = auto: timing {rows} x {block_size} tokens each way ({', '.join(ways)}) on this CPU, "
+            "once per machine and model shape")
         seconds = (measure or step_seconds)(model, rows, block_size, ways, clock=clock)
         entry = {way: float(seconds[way]) for way in ways}
         entry.update({"c kernels": kernels, "what": described, "date": datetime.date.today().isoformat()})
