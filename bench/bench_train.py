@@ -7,9 +7,9 @@
 Both models start from the same weights and run the same loop (batch from the token stream, forward, loss,
 backward, grad-norm clip, AdamW step), taking turns step by step; with several --dtype, every model runs in each
 (auto: what train.py picks for that model here, measured at its shapes on a CPU, and a line says so; a line of its
-own where it leaves a C kernel out) and a line per dtype gives its speed against the first; with auto, float32 and bfloat16 all given, a last
-line says what auto took and how fast that is against the faster of the two. The
-header names the CPU and the features its speed depends on (AMX, avx512_bf16, AVX-512, AVX2). MFU = model FLOPs per
+own where it leaves a C kernel out) and a line per dtype gives its speed against the first; with auto, float32 and
+bfloat16 all given, a last line says what auto took and how fast that is against the faster of the two. The header
+names the CPU and the features its speed depends on (AMX, avx512_bf16, AVX-512, AVX2). MFU = model FLOPs per
 second / the matmul FLOP/s this machine reaches in the dtype that runs the matmuls (a large matmul, measured here;
 a GPU's is always its bf16 peak, what its FLOPs are quoted in), with nanoGPT's count: 6 * parameters
 (position embeddings excluded) + 12 * n_layer * n_embd * block_size per token. --compile runs both models through
