@@ -241,8 +241,7 @@ def set_up(args, config: dict, notes: list[str], rank: int, world: int, device) 
     log("[model] " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_config).items()))
     model = GPTNeo(model_config).to(device)
     opt = make_optimizer(model, t, device)
-    precision, kernels_off, why = run_precision(t.dtype, device, model, t.batch_size, config["data"].block_size,
-                                                rank, world, log)
+    precision, kernels_off, why = run_precision(t, device, model, config["data"].block_size, rank, world, log)
     model.allow_c_kernels([k for k in model.allowed_c_kernels if k not in kernels_off])
     log(f"# {model.num_params() / 1e6:.2f}M parameters, {len(splits['train']):,} train tokens, device {device}"
         + (f", {world} processes" if world > 1 else "")
@@ -271,12 +270,14 @@ def set_up(args, config: dict, notes: list[str], rank: int, world: int, device) 
     return run
 
 
-def run_precision(name: str, device, model, batch_size: int, block_size: int, rank: int, world: int, log):
-    """pick_precision's (precision, C kernels to leave out, why); with several processes on CPUs rank 0 measures and
-    every rank takes its answer (ranks that measured apart could train in different precisions)."""
+def run_precision(t, device, model, block_size: int, rank: int, world: int, log):
+    """pick_precision's (precision, C kernels to leave out, why) for [train] t; with several processes on CPUs rank 0
+    measures and every rank takes its answer (ranks that measured apart could train in different precisions)."""
+    def pick():
+        return pick_precision(t.dtype, device, model, t.batch_size, block_size, say=log, compiled=t.compile)
     if world == 1 or device.type != "cpu":  # elsewhere nothing is measured: every rank comes to the same answer
-        return pick_precision(name, device, model, batch_size, block_size, say=log)
-    answer = [pick_precision(name, device, model, batch_size, block_size, say=log) if rank == 0 else None]
+        return pick()
+    answer = [pick() if rank == 0 else None]
     dist.broadcast_object_list(answer, src=0)
     return answer[0]
 

@@ -138,7 +138,8 @@ def main():
         ours = ours.to(device)
         stream = np.random.default_rng(0).integers(0, config.vocab_size, 1_000_000).astype(np.int64)
         flops = flops_per_token(ours, args.block_size)
-        auto, kernels_off, why = pick_precision("auto", device, ours, args.batch_size, args.block_size)
+        auto, kernels_off, why = pick_precision("auto", device, ours, args.batch_size, args.block_size,
+                                                compiled=args.compile)
         if "auto" in args.dtype:
             print(f"{name:15s} train.dtype = auto takes {auto}: {why}")
         # auto is a line of its own where it left a C kernel out (its precision's line runs them all)

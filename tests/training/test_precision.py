@@ -69,6 +69,10 @@ def test_auto_leaves_out_a_c_kernel_measured_slower_here(model):
                           "PyTorch's speed, so PyTorch runs it; measured now")
     got, kernels_off, _ = pick_precision("auto", CPU, model, 4, 8, measure=timer(1.0, 0.5, [], lmhead=0.9))
     assert (got, kernels_off) == ("bfloat16", ("lmhead",))  # bf16 runs no C kernel; fp32 would keep lmhead.c off
+    ways.clear()
+    got, kernels_off, why = pick_precision("auto", CPU, model, 4, 4, measure=lambda *a, **k: ways.extend(a[3]) or
+                                           measure(*a, **k), compiled=True)
+    assert ways == ["float32", "bfloat16"] and kernels_off == () and ".c runs" not in why  # train.compile: no C call
 
 
 def test_a_cpu_without_bf16_instructions_measures_only_its_c_kernels(model, monkeypatch):

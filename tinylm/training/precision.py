@@ -37,7 +37,8 @@ ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", 
 
 
 def pick_precision(name: str, device: torch.device, model=None, batch_size: int = 1, block_size: int = 1,
-                   measure=None, clock=time.perf_counter, say=lambda line: None) -> tuple[str, tuple, str]:
+                   measure=None, clock=time.perf_counter, say=lambda line: None,
+                   compiled: bool = False) -> tuple[str, tuple, str]:
     """(the training precision, the C kernels to leave out, why) for train.dtype `name`. The precision: "float32",
     or "bfloat16" (mixed precision: bf16 matmuls under autocast; fp32 weights, optimizer state, LayerNorm, softmax
     and loss). "auto" takes bfloat16 on a CUDA GPU that supports it. On a CPU it times the ways this model could
@@ -45,7 +46,8 @@ def pick_precision(name: str, device: torch.device, model=None, batch_size: int 
     (model.c_kernels()), fp32 without each of them, and bf16 where the CPU has bf16 instructions (AMX,
     avx512_bf16); by measure(model, rows, block_size, ways, clock) -> {way: seconds} (step_seconds by default),
     remembered per machine and shape. Nothing to choose from: float32, unmeasured. say(line) is told before a
-    measurement."""
+    measurement. A compiled run (train.compile) runs no C kernel (torch.compile cannot trace a C call): none is
+    timed."""
     if name != "auto":
         return name, (), "set by train.dtype"
     if device.type == "cuda":
@@ -54,7 +56,7 @@ def pick_precision(name: str, device: torch.device, model=None, batch_size: int 
     if device.type != "cpu":
         return "float32", (), "mixed precision is untried on MPS"
     support = cpu_bf16_support()
-    kernels = model.c_kernels() if model is not None else []
+    kernels = model.c_kernels() if model is not None and not compiled else []
     no_bf16 = "this CPU has no bf16 instructions (AMX or avx512_bf16)"
     if not kernels and (not support or model is None):
         return "float32", (), no_bf16
