@@ -40,7 +40,7 @@ typedef float vf __attribute__((vector_size(VEC * sizeof(float))));
 #define GRAD_ROWS (VEC == 16 ? 4 : 2)
 typedef struct {
     vf part[PARTS];
-} v16;                   // 16 floats; loads and stores through memcpy may be unaligned
+} v16;                   // 16 floats (loadv and storev, through memcpy, may be unaligned)
 
 #define INLINE static inline __attribute__((always_inline))
 INLINE vf loadv(const float *p) {
@@ -53,14 +53,15 @@ INLINE void storev(float *p, vf v) {
     memcpy(p, &v, sizeof v);
 }
 
+// 16 floats as PARTS target vectors, like zero16 and fma16
 INLINE v16 load16(const float *p) {
     v16 v;
-    memcpy(&v, p, sizeof v);
+    for (int i = 0; i < PARTS; i++) v.part[i] = loadv(p + i * VEC);
     return v;
 }
 
 INLINE void store16(float *p, v16 v) {
-    memcpy(p, &v, sizeof v);
+    for (int i = 0; i < PARTS; i++) storev(p + i * VEC, v.part[i]);
 }
 
 INLINE v16 zero16(void) {
