@@ -104,8 +104,10 @@ def test_the_answer_is_remembered_per_machine_and_shape(model, own_cache, monkey
     model.c_kernels = lambda: ["attention"]  # a build that runs attention.c here now (CC=gcc after clang): the
     pick_precision("auto", CPU, model, 4, 16, measure=measure)  # remembered fp32 time had it off, so measured again
     pick_precision("auto", CPU, model, 4, 16, measure=measure)
+    model.c_kernels = lambda: []  # back to no kernel (a compiled run, say): the answer without them is still there
+    pick_precision("auto", CPU, model, 4, 16, measure=measure)
     assert calls == [(4, 16), (4, 8), (4, 16), (4, 16), (4, 16)]
-    assert len(json.loads(own_cache.read_text())) == 4
+    assert len(json.loads(own_cache.read_text())) == 5
 
 
 def test_a_large_batch_is_timed_on_fewer_rows(model):

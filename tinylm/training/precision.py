@@ -61,19 +61,18 @@ def pick_precision(name: str, device: torch.device, model=None, batch_size: int 
     if not kernels and (not support or model is None):
         return "float32", (), no_bf16
     rows = max(1, min(batch_size, MEASURED_TOKENS // block_size))
-    key, described = measurement_key(model, rows, block_size)
+    key, described = measurement_key(model, rows, block_size, kernels)
     ways = ["float32"] + [without(k) for k in kernels] + (["bfloat16"] if support else [])
     path = os.path.join(cache_folder(), "precision.json")
     remembered = read_measurements(path)
     entry = remembered.get(key)
     when = "measured now, remembered in " + path
-    if not isinstance(entry, dict) or entry.get("c kernels") != kernels or \
-            not all(isinstance(entry.get(way), float) for way in ways):
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(way), float) for way in ways):
         say(f"# train.dtype = auto: timing {rows} x {block_size} tokens each way ({', '.join(ways)}) on this CPU, "
             "once per machine and model shape")
         seconds = (measure or step_seconds)(model, rows, block_size, ways, clock=clock)
         entry = {way: float(seconds[way]) for way in ways}
-        entry.update({"c kernels": kernels, "what": described, "date": datetime.date.today().isoformat()})
+        entry.update({"what": described, "date": datetime.date.today().isoformat()})
         remembered[key] = entry
         if not write_measurements(path, remembered):
             when = "measured now (the cache folder is not writable: measured again next run)"
@@ -130,14 +129,14 @@ def step_seconds(model, rows: int, block_size: int, ways=("float32", "bfloat16")
     return {way: min(seconds) for way, seconds in times.items()}
 
 
-def measurement_key(model, rows: int, block_size: int) -> tuple[str, str]:
+def measurement_key(model, rows: int, block_size: int, kernels: list[str]) -> tuple[str, str]:
     """(a short hash, the readable text it hashes) of what the measurement depends on: the CPU (model name and
-    flags), PyTorch's version and threads, the instruction-set caps in the environment, the model's shape and
-    the batch timed."""
+    flags), PyTorch's version and threads, the instruction-set caps in the environment, the model's shape, the
+    batch timed, and the C kernels that run in its fp32 passes (another compiler's build, or a compiled run: none)."""
     name, flags = cpu_model_and_flags()
     shape = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.config).items()
                      if k not in ("bos_token_id", "eos_token_id", "max_position_embeddings"))
-    shape += f" batch={rows}x{block_size}"
+    shape += f" batch={rows}x{block_size} C kernels: {', '.join(kernels) or 'none'}"
     environment = " ".join(f"{name}={os.environ[name]}" for name in ENVIRONMENT if os.environ.get(name))
     described = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {shape}" + \
         (f", {environment}" if environment else "")
